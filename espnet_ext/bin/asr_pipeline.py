@@ -1,0 +1,244 @@
+"""Run ESPnet's ASR stages without an ESPnet checkout: the same ``python -m
+espnet2.bin.*`` calls, with the same arguments, that ``egs2/TEMPLATE/asr1/asr.sh``
+makes for ``--feats_type raw --token_type char`` (or ``bpe``), one job per stage.
+
+Stages (asr.sh numbering in brackets):
+  data    [1-4]  copy Kaldi dirs (wav.scp, text, utt2spk), audio paths made absolute
+  tokens  [5]    token list (``espnet2.bin.tokenize_text`` / sentencepiece)
+  stats   [10]   ``asr_train --collect_stats true`` + ``aggregate_stats_dirs``
+  train   [11]   ``asr_train``
+  decode  [12]   ``asr_inference`` on every test set
+  score   [13]   WER and CER (edit distance; asr.sh uses sclite, same counts)
+  pack    [14]   ``espnet2.bin.pack asr``
+
+Each stage runs in a fresh interpreter, as under asr.sh, so espnet_ext's classes are
+found through its start-up hook, never through an import here.
+
+Example::
+
+    python -m espnet_ext.bin.asr_pipeline --train_dir data/train --valid_dir data/dev \
+        --test_dirs data/dev --asr_config conf/tuning/train_asr_moe_conformer.yaml \
+        --inference_config conf/decode_asr.yaml --exp_dir exp/moe
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+STAGES = ("data", "tokens", "stats", "train", "decode", "score", "pack")
+
+
+def _log(msg: str) -> None:
+    print(f"[asr_pipeline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _run(cmd: List[str], log_file: Path) -> None:
+    """Run one ESPnet entry point; its output goes to ``log_file`` (as asr.sh does)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    _log(f"$ {' '.join(cmd[:4])} ... (log: {log_file})")
+    start = time.time()
+    with open(log_file, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log_file.read_text(errors="replace").splitlines()[-30:]
+        raise RuntimeError(
+            f"{cmd[2]} failed with exit code {proc.returncode}; last lines of "
+            f"{log_file}:\n" + "\n".join(tail)
+        )
+    _log(f"  done in {time.time() - start:.1f} s")
+
+
+def _read_kaldi(path: Path) -> Dict[str, str]:
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            key, _, value = line.partition(" ")
+            out[key] = value.strip()
+    return out
+
+
+def _write_kaldi(path: Path, table: Dict[str, str]) -> None:
+    path.write_text("".join(f"{k} {table[k]}\n" for k in sorted(table)), encoding="utf-8")
+
+
+def prepare_data_dir(src: Path, dst: Path, max_utts: Optional[int] = None) -> int:
+    """Copy a Kaldi dir, making audio paths absolute; optionally keep the first N.
+
+    Relative ``wav.scp`` paths are resolved against ``src`` and then its parents
+    (speechocean762 lists paths relative to the corpus root). Returns #utterances.
+    """
+    wav = _read_kaldi(src / "wav.scp")
+    text = _read_kaldi(src / "text")
+    missing = sorted(set(wav) ^ set(text))
+    if missing:
+        raise ValueError(f"{src}: wav.scp and text disagree on ids, e.g. {missing[:3]}")
+    keys = sorted(wav)[:max_utts] if max_utts else sorted(wav)
+    dst.mkdir(parents=True, exist_ok=True)
+    abs_wav = {}
+    for k in keys:
+        p = Path(wav[k])
+        if not p.is_absolute():
+            for base in (src, *src.resolve().parents):
+                if (base / p).exists():
+                    p = (base / p).resolve()
+                    break
+            else:
+                raise FileNotFoundError(f"{src}/wav.scp: audio for {k} not found: {wav[k]}")
+        abs_wav[k] = str(p)
+    _write_kaldi(dst / "wav.scp", abs_wav)
+    _write_kaldi(dst / "text", {k: text[k] for k in keys})
+    utt2spk_path = src / "utt2spk"
+    utt2spk = _read_kaldi(utt2spk_path) if utt2spk_path.exists() else {k: k for k in keys}
+    _write_kaldi(dst / "utt2spk", {k: utt2spk[k] for k in keys})
+    return len(keys)
+
+
+def _data_args(prefix: str, data_dir: Path) -> List[str]:
+    return [
+        f"--{prefix}_data_path_and_name_and_type", f"{data_dir}/wav.scp,speech,sound",
+        f"--{prefix}_data_path_and_name_and_type", f"{data_dir}/text,text,text",
+    ]
+
+
+def word_error_counts(ref: Dict[str, str], hyp: Dict[str, str], unit: str):
+    """Summed edit distance and reference length over ``ref``'s utterances."""
+    import editdistance
+
+    errors = length = 0
+    for k, r in ref.items():
+        h = hyp.get(k, "")
+        r_tok = r.split() if unit == "word" else list(r.replace(" ", ""))
+        h_tok = h.split() if unit == "word" else list(h.replace(" ", ""))
+        errors += editdistance.eval(r_tok, h_tok)
+        length += len(r_tok)
+    return errors, length
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train_dir", type=Path, required=True)
+    p.add_argument("--valid_dir", type=Path, required=True)
+    p.add_argument("--test_dirs", type=Path, nargs="+", default=[])
+    p.add_argument("--asr_config", type=Path, required=True)
+    p.add_argument("--inference_config", type=Path, default=None)
+    p.add_argument("--exp_dir", type=Path, required=True)
+    p.add_argument("--token_type", choices=("char",), default="char")
+    p.add_argument("--max_train_utts", type=int, default=None, help="keep the first N (smoke runs)")
+    p.add_argument("--max_eval_utts", type=int, default=None)
+    p.add_argument("--ngpu", type=int, default=0)
+    p.add_argument("--fs", default="16k")
+    p.add_argument("--inference_model", default="valid.acc.ave.pth",
+                   help="checkpoint in the training dir used for decoding and packing")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    p.add_argument("--train_args", default="", help="extra asr_train arguments, e.g. '--max_epoch 1'")
+    p.add_argument("--python", default=sys.executable)
+    args = p.parse_args(argv)
+
+    exp = args.exp_dir
+    data = exp / "data"
+    train_set, valid_set = data / "train", data / "valid"
+    tests = {d.name if d.name not in ("train", "valid") else f"test_{d.name}": d for d in args.test_dirs}
+    token_list = exp / "token_list" / args.token_type / "tokens.txt"
+    stats_dir = exp / f"asr_stats_raw_{args.token_type}"
+    asr_dir = exp / "asr_train"
+    py = [args.python, "-m"]
+    common = [
+        "--use_preprocessor", "true", "--bpemodel", "none",
+        "--token_type", args.token_type, "--token_list", str(token_list),
+        "--non_linguistic_symbols", "none", "--cleaner", "none", "--g2p", "none",
+    ]
+    results: Dict[str, Dict[str, float]] = {}
+
+    if "data" in args.stages:
+        n = prepare_data_dir(args.train_dir, train_set, args.max_train_utts)
+        m = prepare_data_dir(args.valid_dir, valid_set, args.max_eval_utts)
+        for name, d in tests.items():
+            prepare_data_dir(d, data / name, args.max_eval_utts)
+        _log(f"data: {n} train, {m} valid utterances, tests: {sorted(tests)}")
+
+    if "tokens" in args.stages:
+        texts = exp / "token_list" / "train_text"
+        texts.parent.mkdir(parents=True, exist_ok=True)
+        texts.write_text("".join(v + "\n" for v in _read_kaldi(train_set / "text").values()))
+        _run(py + ["espnet2.bin.tokenize_text", "--token_type", args.token_type,
+                   "--input", str(texts), "--output", str(token_list),
+                   "--field", "1-", "--cleaner", "none", "--g2p", "none",
+                   "--write_vocabulary", "true",
+                   "--add_symbol", "<blank>:0", "--add_symbol", "<unk>:1",
+                   "--add_symbol", "<sos/eos>:-1"], exp / "logs" / "tokens.log")
+
+    if "stats" in args.stages:
+        logdir = stats_dir / "logdir"
+        _run(py + ["espnet2.bin.asr_train", "--collect_stats", "true", *common,
+                   *_data_args("train", train_set), *_data_args("valid", valid_set),
+                   "--train_shape_file", f"{train_set}/wav.scp",
+                   "--valid_shape_file", f"{valid_set}/wav.scp",
+                   "--output_dir", f"{logdir}/stats.1", "--config", str(args.asr_config),
+                   "--frontend_conf", f"fs={args.fs}"], logdir / "stats.1.log")
+        _run(py + ["espnet2.bin.aggregate_stats_dirs", "--input_dir", f"{logdir}/stats.1",
+                   "--output_dir", str(stats_dir)], logdir / "aggregate.log")
+        # asr.sh appends the vocabulary size to each text shape ("len" -> "len,V").
+        vocab = len(token_list.read_text(encoding="utf-8").splitlines())
+        for split in ("train", "valid"):
+            shapes = (stats_dir / split / "text_shape").read_text().splitlines()
+            (stats_dir / split / f"text_shape.{args.token_type}").write_text(
+                "".join(f"{line},{vocab}\n" for line in shapes if line.strip()))
+
+    if "train" in args.stages:
+        _run(py + ["espnet2.bin.asr_train", *common,
+                   *_data_args("train", train_set), *_data_args("valid", valid_set),
+                   "--train_shape_file", f"{stats_dir}/train/speech_shape",
+                   "--train_shape_file", f"{stats_dir}/train/text_shape.{args.token_type}",
+                   "--valid_shape_file", f"{stats_dir}/valid/speech_shape",
+                   "--valid_shape_file", f"{stats_dir}/valid/text_shape.{args.token_type}",
+                   "--resume", "true", "--fold_length", "80000", "--fold_length", "150",
+                   "--output_dir", str(asr_dir), "--config", str(args.asr_config),
+                   "--frontend_conf", f"fs={args.fs}", "--normalize", "global_mvn",
+                   "--normalize_conf", f"stats_file={stats_dir}/train/feats_stats.npz",
+                   "--ngpu", str(args.ngpu), *args.train_args.split()],
+             asr_dir / "train.log")
+
+    model_file = asr_dir / args.inference_model
+    if not model_file.exists() and (asr_dir / "latest.pth").exists() and args.inference_model == "valid.acc.ave.pth":
+        model_file = asr_dir / "latest.pth"  # a 1-epoch run may have no averaged model
+    decode_root = asr_dir / f"decode_{model_file.stem}"
+
+    if "decode" in args.stages:
+        for name in ["valid", *tests]:
+            out = decode_root / name
+            extra = ["--config", str(args.inference_config)] if args.inference_config else []
+            _run(py + ["espnet2.bin.asr_inference", "--batch_size", "1", "--ngpu", str(args.ngpu),
+                       "--data_path_and_name_and_type", f"{data / name}/wav.scp,speech,sound",
+                       "--key_file", f"{data / name}/wav.scp",
+                       "--asr_train_config", f"{asr_dir}/config.yaml",
+                       "--asr_model_file", str(model_file), "--output_dir", str(out), *extra],
+                 out / "decode.log")
+
+    if "score" in args.stages:
+        for name in ["valid", *tests]:
+            ref = _read_kaldi(data / name / "text")
+            hyp = _read_kaldi(decode_root / name / "1best_recog" / "text")
+            res = {}
+            for unit in ("word", "char"):
+                err, n = word_error_counts(ref, hyp, unit)
+                res["wer" if unit == "word" else "cer"] = 100.0 * err / max(n, 1)
+            results[name] = res
+            _log(f"{name}: WER {res['wer']:.1f}%  CER {res['cer']:.1f}%  ({len(ref)} utts)")
+        (decode_root / "results.json").write_text(json.dumps(results, indent=2))
+
+    if "pack" in args.stages:
+        _run(py + ["espnet2.bin.pack", "asr", "--asr_train_config", f"{asr_dir}/config.yaml",
+                   "--asr_model_file", str(model_file),
+                   "--option", f"{stats_dir}/train/feats_stats.npz",
+                   "--outpath", str(exp / "asr_model.zip")], exp / "logs" / "pack.log")
+    return results
+
+
+if __name__ == "__main__":
+    main()

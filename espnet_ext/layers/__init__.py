@@ -1,0 +1,1 @@
+"""Building blocks shared by espnet_ext's encoders and decoders."""

@@ -1,0 +1,1 @@
+"""ESPnetASRModel subclasses selected with ``model:`` in a training YAML."""

@@ -1,0 +1,133 @@
+"""MoEFeedForward: exactness of routing and dispatch, aux losses, bad configs."""
+
+import math
+
+import pytest
+import torch
+from espnet.nets.pytorch_backend.transformer.positionwise_feed_forward import (
+    PositionwiseFeedForward,
+)
+
+from espnet_ext.layers.aux import collect_aux
+from espnet_ext.layers.moe import DISPATCH, MoEFeedForward
+
+D, F, E = 8, 16, 4
+
+
+def dense_oracle(moe: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, combined with the sparse top-k weights."""
+    tokens = x.reshape(-1, x.size(-1))
+    _, weights, indices = moe.route(tokens)
+    full = torch.zeros(tokens.size(0), moe.num_experts, dtype=tokens.dtype)
+    full.scatter_(1, indices, weights)  # (N, E), zero for unselected experts
+    outs = torch.stack([expert(tokens) for expert in moe.experts], dim=1)  # (N, E, D)
+    return (full.unsqueeze(-1) * outs).sum(1).view_as(x)
+
+
+def _moe(impl="reference", num_experts=E, top_k=2, seed=0, **kw):
+    torch.manual_seed(seed)
+    return MoEFeedForward(D, F, num_experts=num_experts, top_k=top_k, dropout_rate=0.0,
+                          impl=impl, **kw)
+
+
+def _grads(module, x, fn):
+    module.zero_grad()
+    x = x.clone().requires_grad_(True)
+    out = fn(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    grads = {n: p.grad.clone() if p.grad is not None else None for n, p in module.named_parameters()}
+    return out.detach(), x.grad.clone(), grads
+
+
+def test_one_expert_top1_equals_espnet_dense_ffn():
+    torch.manual_seed(0)
+    dense = PositionwiseFeedForward(D, F, 0.0, torch.nn.ReLU())
+    moe = _moe(num_experts=1, top_k=1)
+    moe.experts[0].load_state_dict(dense.state_dict())
+    x = torch.randn(3, 5, D)
+    out_d, gx_d, _ = _grads(dense, x, dense)
+    out_m, gx_m, g_m = _grads(moe, x, moe)
+    torch.testing.assert_close(out_m, out_d, rtol=0, atol=0)
+    torch.testing.assert_close(gx_m, gx_d, rtol=0, atol=0)
+    assert g_m["router.weight"].abs().sum() == 0  # softmax over one logit is constant
+
+
+@pytest.mark.parametrize("impl", sorted(DISPATCH))
+@pytest.mark.parametrize("skew", [0.0, 20.0])
+def test_dispatch_matches_dense_oracle_outputs_and_gradients(impl, skew):
+    moe = _moe(impl)
+    with torch.no_grad():  # skew: experts 0 and 1 take (almost) every token
+        moe.router.weight[:2] += skew
+    x = torch.randn(2, 7, D).abs()
+    out, gx, g = _grads(moe, x, moe)
+    ref_out, ref_gx, ref_g = _grads(moe, x, lambda t: dense_oracle(moe, t))
+    if skew:
+        assert all(g[f"experts.{e}.w_1.weight"].abs().sum() == 0 for e in (2, 3))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(gx, ref_gx)
+    for name in ref_g:
+        torch.testing.assert_close(g[name], ref_g[name], msg=name)
+
+
+@pytest.mark.parametrize("impl", sorted(DISPATCH))
+def test_unused_experts_get_zero_not_missing_gradients(impl):
+    moe = _moe(impl)
+    with torch.no_grad():
+        moe.router.weight[:2] += 100.0
+    _, _, g = _grads(moe, torch.randn(4, D).abs(), moe)
+    assert all(v is not None for v in g.values())  # DDP needs every parameter used
+
+
+def test_token_output_does_not_depend_on_other_tokens():
+    moe = _moe()
+    x = torch.randn(6, D)
+    torch.testing.assert_close(moe(x)[2:3], moe(x[2:3]))
+
+
+def test_router_runs_in_fp32_and_weights_sum_to_one():
+    moe = _moe().to(torch.bfloat16)
+    logits, weights, indices = moe.route(torch.randn(5, D, dtype=torch.bfloat16))
+    assert logits.dtype == torch.float32 and indices.shape == (5, 2)
+    torch.testing.assert_close(weights.float().sum(-1), torch.ones(5), atol=1e-2, rtol=0)
+
+
+def test_uniform_router_gives_balance_one_and_z_log_e_squared():
+    moe = _moe().train()
+    torch.nn.init.zeros_(moe.router.weight)
+    moe(torch.randn(10, D))
+    aux = collect_aux(moe)
+    torch.testing.assert_close(aux.losses["moe_balance"], torch.tensor(1.0))
+    torch.testing.assert_close(aux.losses["moe_z"], torch.tensor(math.log(E) ** 2))
+
+
+def test_padded_frames_are_left_out_of_aux_losses():
+    moe = _moe().train()
+    x = torch.randn(2, 5, D)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    moe.set_token_mask(mask)
+    moe(x)
+    masked = collect_aux(moe)
+    moe.set_token_mask(None)
+    moe(x[mask])  # the real frames only
+    real = collect_aux(moe)
+    for name in ("moe_balance", "moe_z"):
+        torch.testing.assert_close(masked.losses[name], real.losses[name])
+
+
+def test_nothing_is_recorded_in_eval_mode():
+    moe = _moe().eval()
+    moe(torch.randn(4, D))
+    assert collect_aux(moe).losses == {}
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(num_experts=0), "num_experts"),
+        (dict(num_experts=2, top_k=3), "top_k"),
+        (dict(impl="fast"), "moe_impl must be one of"),
+    ],
+)
+def test_bad_configuration_raises(kw, message):
+    with pytest.raises(ValueError, match=message):
+        MoEFeedForward(D, F, **kw)

@@ -1,0 +1,147 @@
+"""Our classes reach ESPnet's class choices in every process, without being imported."""
+
+import json
+
+import pytest
+
+from conftest import run_python
+from espnet_ext import registry
+
+CHECK = """
+import json
+import espnet2.tasks.asr as asr, espnet2.tasks.st as st
+print(json.dumps({
+    "asr_encoder": sorted(asr.encoder_choices.classes),
+    "asr_model": sorted(asr.model_choices.classes),
+    "st_encoder": sorted(st.encoder_choices.classes),
+}))
+"""
+
+
+def _last_json(proc):
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_fresh_process_has_our_keys_without_importing_us():
+    out = _last_json(run_python(CHECK))
+    assert "moe_conformer" in out["asr_encoder"]
+    assert "espnet_ext" in out["asr_model"]
+    assert "moe_conformer" in out["st_encoder"]
+
+
+def test_spawned_worker_registers_too():
+    code = """
+import multiprocessing as mp
+def child(q):
+    import espnet2.tasks.asr as a
+    q.put("moe_conformer" in a.encoder_choices.classes)
+if __name__ == "__main__":
+    ctx = mp.get_context("spawn"); q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,)); p.start(); print(q.get(timeout=120)); p.join()
+"""
+    # a spawned DDP worker is a fresh interpreter: the start-up hook must run there
+    assert run_python(code).stdout.strip().splitlines()[-1] == "True"
+
+
+def test_opt_out_variable_disables_and_register_is_explicit_and_idempotent():
+    code = CHECK + """
+import espnet_ext
+espnet_ext.register(); espnet_ext.register()
+print(json.dumps(sorted(asr.encoder_choices.classes).count("moe_conformer")))
+"""
+    lines = run_python(code, {"ESPNET_EXT_DISABLE": "1"}).stdout.strip().splitlines()
+    before, after = json.loads(lines[-2]), json.loads(lines[-1])
+    assert "moe_conformer" not in before["asr_encoder"]
+    assert "espnet_ext" not in before["asr_model"]
+    assert after == 1
+
+
+def test_interpreter_startup_imports_neither_torch_nor_espnet():
+    out = run_python(
+        "import sys; print([m for m in ('torch', 'espnet2', 'espnet') if m in sys.modules])"
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_start_up_hook_is_installed_in_this_environment():
+    import sys
+
+    assert any(type(f).__name__ == "_PostImportFinder" for f in sys.meta_path)
+
+
+def test_unknown_name_error_lists_ours_and_suggests():
+    import espnet2.tasks.asr as asr
+
+    with pytest.raises(ValueError, match=r"espnet_ext provides --encoder: moe_conformer.*Did you mean: moe_conformer"):
+        asr.encoder_choices.get_class("moe_conformr")
+
+
+def test_table_is_valid():
+    registry.validate_table()
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (registry.Entry("espnet2.tasks.asr", "encoder_choices", "MoE", "a:B"), "lower case"),
+        (registry.Entry("espnet2.tasks.asr", "encoder_choices", "none", "a:B"), "reserved"),
+        (registry.Entry("espnet2.tasks.asr", "encoder", "x", "a:B"), "_choices"),
+        (registry.Entry("espnet2.tasks.asr", "encoder_choices", "x", "a.B"), "module:Class"),
+    ],
+)
+def test_table_validation_rejects_bad_rows(entry, message):
+    with pytest.raises(ValueError, match=message):
+        registry.validate_table((entry,))
+
+
+def test_table_validation_rejects_duplicates():
+    row = registry.ENTRIES[0]
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.validate_table((row, row))
+
+
+class _FakeChoices:
+    name = "encoder"
+
+    def __init__(self, classes, base_type=None):
+        self.classes = dict(classes)
+        self.base_type = base_type
+
+    def get_class(self, name):
+        return self.classes[name]
+
+
+def _fake_task(monkeypatch, choices, entries):
+    import types
+
+    module = types.ModuleType("fake_task")
+    module.encoder_choices = choices
+    monkeypatch.setattr(registry, "ENTRIES", tuple(entries))
+    return module
+
+
+def test_clash_with_espnet_name_is_refused(monkeypatch):
+    module = _fake_task(
+        monkeypatch,
+        _FakeChoices({"conformer": int}),
+        [registry.Entry("fake_task", "encoder_choices", "conformer", "builtins:str")],
+    )
+    with pytest.raises(ValueError, match="already has 'conformer'"):
+        registry.register_into(module)
+
+
+def test_wrong_base_class_is_refused(monkeypatch):
+    module = _fake_task(
+        monkeypatch,
+        _FakeChoices({}, base_type=int),
+        [registry.Entry("fake_task", "encoder_choices", "mine", "builtins:str")],
+    )
+    with pytest.raises(ValueError, match="must subclass builtins.int"):
+        registry.register_into(module)
+
+
+def test_model_class_must_be_an_espnet_asr_model():
+    from espnet2.asr.espnet_model import ESPnetASRModel
+
+    cls = registry.load_class(registry._EXT_ASR_MODEL)
+    assert issubclass(cls, ESPnetASRModel)

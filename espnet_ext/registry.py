@@ -27,6 +27,7 @@ _ASR = "espnet2.tasks.asr"
 _ST = "espnet2.tasks.st"
 
 _MOE_CONFORMER = "espnet_ext.encoders.moe_conformer:MoEConformerEncoder"
+_MOE_TRANSFORMER = "espnet_ext.decoders.moe_transformer:MoETransformerDecoder"
 _EXT_ASR_MODEL = "espnet_ext.models.asr_model:ESPnetExtASRModel"
 
 
@@ -37,11 +38,13 @@ class Entry(NamedTuple):
     class_path: str  # "package.module:ClassName"
 
 
-# Grouped by architecture. Speech translation takes our encoders (its encoder
-# contract is the ASR one); our model class is an ESPnetASRModel, so it is ASR only.
+# Grouped by architecture. Speech translation takes our encoders and decoders (its
+# contracts are the ASR ones); our model class is an ESPnetASRModel, so it is ASR only.
 ENTRIES: Tuple[Entry, ...] = (
     Entry(_ASR, "encoder_choices", "moe_conformer", _MOE_CONFORMER),
     Entry(_ST, "encoder_choices", "moe_conformer", _MOE_CONFORMER),
+    Entry(_ASR, "decoder_choices", "moe_transformer", _MOE_TRANSFORMER),
+    Entry(_ST, "decoder_choices", "moe_transformer", _MOE_TRANSFORMER),
     Entry(_ASR, "model_choices", "espnet_ext", _EXT_ASR_MODEL),
 )
 

@@ -39,7 +39,8 @@ def test_every_utterance_is_decoded(trained):
 
 def test_training_log_shows_aux_losses_and_routing_stats(trained):
     log = (trained / "asr_train/train.log").read_text()
-    for key in ("loss_moe_balance=", "moe_load_entropy=", "moe_load_max="):
+    for key in ("loss_enc_moe_balance=", "enc_moe_load_entropy=", "dec_moe_load_max=",
+                "enc_moe_frac_e3="):
         assert key in log
 
 

@@ -19,7 +19,7 @@ from espnet.nets.pytorch_backend.nets_utils import get_activation
 from typeguard import typechecked
 
 from espnet_ext.layers.aux import clear_aux
-from espnet_ext.layers.moe import MoEFeedForward
+from espnet_ext.layers.moe import MoEFeedForward, install_moe_ffns
 
 __all__ = ["MoEConformerEncoder"]
 
@@ -32,11 +32,11 @@ class MoEConformerEncoder(ConformerEncoder):
         top_k: experts per token (paper: 2).
         expert_units: hidden size of each expert; ``None`` = ``linear_units``
             (paper: each expert is the size of the dense FFN).
-        moe_impl: dispatch implementation (``"reference"``; see
-            :data:`espnet_ext.layers.moe.DISPATCH`). Same results, different speed.
-        moe_balance_weight: default weight of the ``moe_balance`` aux loss
+        moe_impl: dispatch implementation, ``"sorted"`` (fast) or ``"reference"``
+            (plain loop); see :data:`espnet_ext.layers.moe.DISPATCH`. Same results.
+        moe_balance_weight: default weight of the ``enc_moe_balance`` aux loss
             (paper: 0, none). Needs ``model: espnet_ext`` to be trained on.
-        moe_z_weight: default weight of the router ``moe_z`` loss (0).
+        moe_z_weight: default weight of the router ``enc_moe_z`` loss (0).
         dense_block_idx: 1-based indices of blocks that keep ESPnet's dense FFNs
             (as ESPnet's ``interctc_layer_idx``); empty = every block is MoE.
 
@@ -80,7 +80,7 @@ class MoEConformerEncoder(ConformerEncoder):
         num_experts: int = 8,
         top_k: int = 2,
         expert_units: Optional[int] = None,
-        moe_impl: str = "reference",
+        moe_impl: str = "sorted",
         moe_balance_weight: float = 0.0,
         moe_z_weight: float = 0.0,
         dense_block_idx: List[int] = [],
@@ -89,11 +89,6 @@ class MoEConformerEncoder(ConformerEncoder):
             raise ValueError(
                 "moe_conformer: positionwise_layer_type must be 'linear' (experts are "
                 f"linear FFNs), got {positionwise_layer_type!r}"
-            )
-        bad = [i for i in dense_block_idx if not 1 <= i <= num_blocks]
-        if bad:
-            raise ValueError(
-                f"moe_conformer: dense_block_idx {bad} out of range 1..{num_blocks}"
             )
         super().__init__(
             input_size=input_size,
@@ -139,15 +134,10 @@ class MoEConformerEncoder(ConformerEncoder):
                 impl=moe_impl,
                 balance_loss_weight=moe_balance_weight,
                 z_loss_weight=moe_z_weight,
+                aux_prefix="enc_",
             )
 
-        for block_idx, layer in enumerate(self.encoders, start=1):
-            if block_idx in dense_block_idx:
-                continue
-            layer.feed_forward = make_moe()
-            if layer.feed_forward_macaron is not None:
-                layer.feed_forward_macaron = make_moe()
-            layer.register_forward_pre_hook(_share_frame_mask)
+        install_moe_ffns(self.encoders, make_moe, dense_block_idx, _frame_mask)
 
     def forward(
         self,
@@ -164,14 +154,7 @@ class MoEConformerEncoder(ConformerEncoder):
         )
 
 
-def _share_frame_mask(layer: torch.nn.Module, args) -> None:
-    """Forward pre-hook of an EncoderLayer: give its MoE FFNs the (B, T) frame mask.
-
-    ESPnet's layer calls ``feed_forward(x)`` without the mask; the MoE layers need it
-    only to leave padded frames out of their balance loss and load statistics.
-    """
-    mask = args[1] if len(args) > 1 else None  # (B, 1, T) bool
-    frames = mask[:, 0, :] if mask is not None and mask.dim() == 3 else None
-    for ffn in (layer.feed_forward, layer.feed_forward_macaron):
-        if isinstance(ffn, MoEFeedForward):
-            ffn.set_token_mask(frames)
+def _frame_mask(args) -> Optional[torch.Tensor]:
+    """EncoderLayer args ``(x, mask (B, 1, T), ...)`` -> (B, T) real-frame mask."""
+    mask = args[1] if len(args) > 1 else None
+    return mask[:, 0, :] if mask is not None and mask.dim() == 3 else None

@@ -80,7 +80,8 @@ def test_aux_records_do_not_pile_up_across_forwards():
         for _ in range(3):
             enc(xs, ilens)
     ffn = enc.encoders[0].feed_forward
-    assert len(ffn._aux_buffer()) == 4  # one forward: 2 losses + 2 stats
+    # one forward: 2 losses + load entropy + load max + one fraction per expert
+    assert len(ffn._aux_buffer()) == 4 + ffn.num_experts
 
 
 @pytest.mark.parametrize(

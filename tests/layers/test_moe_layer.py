@@ -131,3 +131,31 @@ def test_nothing_is_recorded_in_eval_mode():
 def test_bad_configuration_raises(kw, message):
     with pytest.raises(ValueError, match=message):
         MoEFeedForward(D, F, **kw)
+
+
+def test_sorted_equals_reference_outputs_and_gradients_with_empty_experts():
+    ref = _moe("reference", num_experts=8, top_k=2, seed=3)
+    fast = _moe("sorted", num_experts=8, top_k=2, seed=4)
+    fast.load_state_dict(ref.state_dict())
+    with torch.no_grad():  # experts 5..7 get no token at all
+        ref.router.weight[5:] -= 50.0
+        fast.router.weight.copy_(ref.router.weight)
+    x = torch.randn(3, 11, D).abs()  # positive inputs: the -50 rows never win
+    out_r, gx_r, g_r = _grads(ref, x, ref)
+    out_f, gx_f, g_f = _grads(fast, x, fast)
+    assert g_f["experts.7.w_2.weight"].abs().sum() == 0
+    torch.testing.assert_close(out_f, out_r)
+    torch.testing.assert_close(gx_f, gx_r)
+    for name in g_r:
+        torch.testing.assert_close(g_f[name], g_r[name], msg=name)
+
+
+@pytest.mark.parametrize("impl", sorted(DISPATCH))
+def test_utterance_output_independent_of_batch_neighbours_and_padding(impl):
+    # Routing is per token, so an utterance's frames get the same output alone or
+    # inside a padded batch. (ESPnet's conformer as a whole is not padding invariant:
+    # its convolution module does not mask padded frames; the MoE layers add nothing.)
+    moe = _moe(impl).eval()
+    utt = torch.randn(1, 5, D)
+    batch = torch.cat([torch.cat([utt, torch.zeros(1, 4, D)], 1), torch.randn(1, 9, D)])
+    torch.testing.assert_close(moe(batch)[:1, :5], moe(utt))

@@ -52,25 +52,25 @@ def test_weighted_aux_loss_is_added_and_logged():
         for _ in range(2):  # ESPnetASRModel never collects: our encoder warns
             loss_b, _, _ = base(**_batch())
     loss_e, stats, _ = ext(**_batch())
-    balance = stats["loss_moe_balance"]
-    assert balance.item() > 0 and {"loss_moe_z", "moe_load_entropy", "moe_load_max"} <= stats.keys()
+    balance = stats["loss_enc_moe_balance"]
+    assert balance.item() > 0 and {"loss_enc_moe_z", "enc_moe_load_entropy", "enc_moe_load_max", "enc_moe_frac_e7"} <= stats.keys()
     torch.testing.assert_close(loss_e, loss_b + 0.25 * balance)
     torch.testing.assert_close(stats["loss"], loss_e.detach())
 
 
 def test_model_conf_weight_overrides_module_default():
     ext = _build(ESPnetExtASRModel, MoEConformerEncoder, enc_kw=dict(moe_balance_weight=0.25),
-                 aux_loss_weights={"moe_balance": 0.0, "moe_z": 0.5}).train()
+                 aux_loss_weights={"enc_moe_balance": 0.0, "enc_moe_z": 0.5}).train()
     base = _build(ESPnetASRModel, MoEConformerEncoder).train()
     base.load_state_dict(ext.state_dict())
     loss_e, stats, _ = ext(**_batch())
     loss_b, _, _ = base(**_batch())
-    torch.testing.assert_close(loss_e, loss_b + 0.5 * stats["loss_moe_z"])
+    torch.testing.assert_close(loss_e, loss_b + 0.5 * stats["loss_enc_moe_z"])
 
 
 def test_weight_for_a_loss_nobody_reports_is_an_error():
-    ext = _build(ESPnetExtASRModel, ConformerEncoder, aux_loss_weights={"moe_balanse": 0.1})
-    with pytest.raises(ValueError, match="moe_balanse"):
+    ext = _build(ESPnetExtASRModel, ConformerEncoder, aux_loss_weights={"enc_moe_balanse": 0.1})
+    with pytest.raises(ValueError, match="enc_moe_balanse"):
         ext.train()(**_batch())
 
 
@@ -78,7 +78,7 @@ def test_aux_loss_gradient_reaches_the_router():
     grads = []
     for w in (0.0, 1.0):
         ext = _build(ESPnetExtASRModel, MoEConformerEncoder,
-                     aux_loss_weights={"moe_balance": w}).train()
+                     aux_loss_weights={"enc_moe_balance": w}).train()
         ext(**_batch())[0].sum().backward()
         grads.append(ext.encoder.encoders[0].feed_forward.router.weight.grad.clone())
     assert not torch.allclose(grads[0], grads[1])

@@ -1,0 +1,4 @@
+"""Benchmarks that print ratios measured side by side in one run.
+
+``python -m espnet_ext.bench moe`` (see :mod:`espnet_ext.bench.moe`).
+"""

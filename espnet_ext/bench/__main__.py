@@ -1,0 +1,16 @@
+"""``python -m espnet_ext.bench <name> [options]``: run one benchmark."""
+
+import sys
+
+
+def main() -> None:
+    names = {"moe": "espnet_ext.bench.moe"}
+    if len(sys.argv) < 2 or sys.argv[1] not in names:
+        sys.exit(f"usage: python -m espnet_ext.bench {{{','.join(names)}}} [options]")
+    import importlib
+
+    importlib.import_module(names[sys.argv[1]]).main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""espnet_ext decoders (AbsDecoder subclasses), registered by :mod:`espnet_ext.registry`."""

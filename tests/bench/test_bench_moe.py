@@ -1,0 +1,12 @@
+"""The MoE benchmark runs and writes its table (speed is never asserted in tests)."""
+
+from espnet_ext.bench import moe
+
+
+def test_layer_benchmark_writes_a_table_with_every_size(tmp_path):
+    out = tmp_path / "moe.md"
+    moe.main(["--repeats", "1", "--skip_encoder", "--threads", "1", "--out", str(out)])
+    text = out.read_text()
+    for row in ("| inference | 16 |", "| inference | 256 |", "| inference | 2000 |",
+                "| training | 2000 |"):
+        assert row in text

@@ -1,0 +1,55 @@
+"""A short training run on real speech lowers the loss of MoE encoder + MoE decoder."""
+
+import pytest
+import soundfile as sf
+import torch
+from espnet2.asr.ctc import CTC
+from espnet2.asr.frontend.default import DefaultFrontend
+from espnet2.layers.utterance_mvn import UtteranceMVN
+
+from espnet_ext.decoders.moe_transformer import MoETransformerDecoder
+from espnet_ext.encoders.moe_conformer import MoEConformerEncoder
+from espnet_ext.models.asr_model import ESPnetExtASRModel
+
+pytestmark = pytest.mark.slow
+
+
+def _batch(corpus, n=6):
+    wav = [l.split() for l in (corpus / "train/wav.scp").read_text().splitlines()[:n]]
+    text = dict(l.split(" ", 1) for l in (corpus / "train/text").read_text().splitlines())
+    chars = sorted({c for k, _ in wav for c in text[k]})
+    tokens = ["<blank>", "<unk>", *chars, "<sos/eos>"]
+    audio = [torch.tensor(sf.read(corpus / p, dtype="float32")[0]) for _, p in wav]
+    ids = [torch.tensor([tokens.index(c) for c in text[k]]) for k, _ in wav]
+    pad = torch.nn.utils.rnn.pad_sequence
+    return tokens, dict(
+        speech=pad(audio, batch_first=True), speech_lengths=torch.tensor([len(a) for a in audio]),
+        text=pad(ids, batch_first=True, padding_value=-1),
+        text_lengths=torch.tensor([len(i) for i in ids]))
+
+
+def test_moe_encoder_and_decoder_training_lowers_the_loss(speechocean):
+    tokens, batch = _batch(speechocean)
+    torch.manual_seed(0)
+    v, d = len(tokens), 32
+    model = ESPnetExtASRModel(
+        vocab_size=v, token_list=tokens, frontend=DefaultFrontend(n_mels=40), specaug=None,
+        normalize=UtteranceMVN(), preencoder=None,
+        encoder=MoEConformerEncoder(40, output_size=d, attention_heads=2, linear_units=64,
+                                    num_blocks=2, macaron_style=True, cnn_module_kernel=7,
+                                    num_experts=4, top_k=2, moe_balance_weight=0.01),
+        postencoder=None,
+        decoder=MoETransformerDecoder(v, d, attention_heads=2, linear_units=64, num_blocks=1,
+                                      num_experts=4, top_k=2),
+        ctc=CTC(v, d), joint_network=None, ctc_weight=0.3, report_cer=False, report_wer=False,
+    ).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss, stats, _ = model(**batch)
+        opt.zero_grad()
+        loss.sum().backward()
+        opt.step()
+        losses.append(loss.item())
+    assert "loss_enc_moe_balance" in stats and "dec_moe_load_entropy" in stats
+    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses

@@ -6,9 +6,7 @@ The same check ESPnet's CI runs on recipe configs:
 """
 
 import json
-from pathlib import Path
 
-import pytest
 
 from conftest import REPO, run_python
 

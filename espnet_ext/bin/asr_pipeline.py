@@ -23,8 +23,6 @@ Example::
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time

@@ -15,11 +15,10 @@ from typing import List, Optional, Tuple, Union
 import torch
 from espnet2.asr.ctc import CTC
 from espnet2.asr.encoder.conformer_encoder import ConformerEncoder
-from espnet.nets.pytorch_backend.nets_utils import get_activation
 from typeguard import typechecked
 
 from espnet_ext.layers.aux import clear_aux
-from espnet_ext.layers.moe import MoEFeedForward, install_moe_ffns
+from espnet_ext.layers.moe import install_moe_ffns, moe_ffn_factory
 
 __all__ = ["MoEConformerEncoder"]
 
@@ -123,20 +122,19 @@ class MoEConformerEncoder(ConformerEncoder):
             use_flash_attn=use_flash_attn,
         )
 
-        def make_moe() -> MoEFeedForward:
-            return MoEFeedForward(
-                idim=output_size,
-                hidden_units=expert_units or linear_units,
-                num_experts=num_experts,
-                top_k=top_k,
-                dropout_rate=dropout_rate,
-                activation=get_activation(activation_type),
-                impl=moe_impl,
-                balance_loss_weight=moe_balance_weight,
-                z_loss_weight=moe_z_weight,
-                aux_prefix="enc_",
-            )
-
+        make_moe = moe_ffn_factory(
+            idim=output_size,
+            linear_units=linear_units,
+            expert_units=expert_units,
+            num_experts=num_experts,
+            top_k=top_k,
+            dropout_rate=dropout_rate,
+            activation_type=activation_type,
+            moe_impl=moe_impl,
+            moe_balance_weight=moe_balance_weight,
+            moe_z_weight=moe_z_weight,
+            aux_prefix="enc_",
+        )
         install_moe_ffns(self.encoders, make_moe, dense_block_idx, _frame_mask)
 
     def forward(

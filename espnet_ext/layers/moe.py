@@ -214,6 +214,44 @@ class MoEFeedForward(AuxRecorder, torch.nn.Module):
         return f"num_experts={self.num_experts}, top_k={self.top_k}, impl={self.impl!r}"
 
 
+def moe_ffn_factory(
+    idim: int,
+    linear_units: int,
+    expert_units: Optional[int],
+    num_experts: int,
+    top_k: int,
+    dropout_rate: float,
+    activation_type: str,
+    moe_impl: str,
+    moe_balance_weight: float,
+    moe_z_weight: float,
+    aux_prefix: str,
+) -> Callable[[], MoEFeedForward]:
+    """Map our encoders'/decoders' YAML MoE options to a builder of MoE FFNs.
+
+    One place for the rules they share: experts default to the dense FFN size
+    (``expert_units=None`` -> ``linear_units``, as in U2++ MoE) and every expert gets
+    its own activation module, built the way ESPnet builds it.
+    """
+    from espnet.nets.pytorch_backend.nets_utils import get_activation
+
+    def make_moe() -> MoEFeedForward:
+        return MoEFeedForward(
+            idim=idim,
+            hidden_units=expert_units or linear_units,
+            num_experts=num_experts,
+            top_k=top_k,
+            dropout_rate=dropout_rate,
+            activation=get_activation(activation_type),
+            impl=moe_impl,
+            balance_loss_weight=moe_balance_weight,
+            z_loss_weight=moe_z_weight,
+            aux_prefix=aux_prefix,
+        )
+
+    return make_moe
+
+
 def install_moe_ffns(
     layers: Sequence[torch.nn.Module],
     make_moe: Callable[[], MoEFeedForward],

@@ -91,6 +91,8 @@ setup(
         # ESPnet's asr.sh stage 3 (format_wav_scp.py) needs resampy; espnet does not
         # install it.
         "recipe": ["resampy>=0.4"],
+        # python -m espnet_ext.bench moe adds Hugging Face's Mixtral block as a baseline.
+        "bench": ["transformers>=4.36"],
     },
     cmdclass={
         "build_py": BuildPyWithStartupFiles,

@@ -65,11 +65,15 @@ def _mixtral_block(moe: MoEFeedForward):
         return None
     cfg = MixtralConfig(hidden_size=D, intermediate_size=F, num_local_experts=E,
                         num_experts_per_tok=K)
+    if hasattr(cfg, "_experts_implementation"):
+        # transformers >= 5 dispatches experts through a registry; a standalone block
+        # has no model to set it, so name the default eager loop explicitly.
+        cfg._experts_implementation = "eager"
     block = MixtralSparseMoeBlock(cfg).eval()
 
     def run(x):
-        out = block(x.unsqueeze(0))
-        return out[0] if isinstance(out, tuple) else out
+        out = block(x.unsqueeze(0))  # (1, N, D); transformers < 5 also returned logits
+        return (out[0] if isinstance(out, tuple) else out).squeeze(0)  # (N, D)
 
     return run
 

@@ -9,6 +9,7 @@ Stages (asr.sh numbering in brackets):
   train   [11]   ``asr_train``
   decode  [12]   ``asr_inference`` on every test set
   score   [13]   WER and CER (edit distance; asr.sh uses sclite, same counts)
+  report  [-]    parameters, checkpoint size, decoding RTF -> ``results.json``
   pack    [14]   ``espnet2.bin.pack asr``
 
 Each stage runs in a fresh interpreter, as under asr.sh, so espnet_ext's classes are
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-STAGES = ("data", "tokens", "stats", "train", "decode", "score", "pack")
+STAGES = ("data", "tokens", "stats", "train", "decode", "score", "report", "pack")
 
 
 def _log(msg: str) -> None:
@@ -52,7 +53,7 @@ def _run(cmd: List[str], log_file: Path) -> None:
     _log(f"  done in {time.time() - start:.1f} s")
 
 
-def _read_kaldi(path: Path) -> Dict[str, str]:
+def read_kaldi(path: Path) -> Dict[str, str]:
     out = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
@@ -71,8 +72,8 @@ def prepare_data_dir(src: Path, dst: Path, max_utts: Optional[int] = None) -> in
     Relative ``wav.scp`` paths are resolved against ``src`` and then its parents
     (speechocean762 lists paths relative to the corpus root). Returns #utterances.
     """
-    wav = _read_kaldi(src / "wav.scp")
-    text = _read_kaldi(src / "text")
+    wav = read_kaldi(src / "wav.scp")
+    text = read_kaldi(src / "text")
     missing = sorted(set(wav) ^ set(text))
     if missing:
         raise ValueError(f"{src}: wav.scp and text disagree on ids, e.g. {missing[:3]}")
@@ -92,7 +93,7 @@ def prepare_data_dir(src: Path, dst: Path, max_utts: Optional[int] = None) -> in
     _write_kaldi(dst / "wav.scp", abs_wav)
     _write_kaldi(dst / "text", {k: text[k] for k in keys})
     utt2spk_path = src / "utt2spk"
-    utt2spk = _read_kaldi(utt2spk_path) if utt2spk_path.exists() else {k: k for k in keys}
+    utt2spk = read_kaldi(utt2spk_path) if utt2spk_path.exists() else {k: k for k in keys}
     _write_kaldi(dst / "utt2spk", {k: utt2spk[k] for k in keys})
     return len(keys)
 
@@ -136,12 +137,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     p.add_argument("--train_args", default="", help="extra asr_train arguments, e.g. '--max_epoch 1'")
     p.add_argument("--python", default=sys.executable)
+    p.add_argument("--rtf_utts", type=int, default=50, help="utterances timed by the report stage")
+    p.add_argument("--rtf_threads", type=int, default=1,
+                   help="torch threads while timing decoding (asr.sh decodes with 1 per job)")
     args = p.parse_args(argv)
 
     exp = args.exp_dir
     data = exp / "data"
-    train_set, valid_set = data / "train", data / "valid"
-    tests = {d.name if d.name not in ("train", "valid") else f"test_{d.name}": d for d in args.test_dirs}
+    # Sets keep their directory names (train, dev, test...), as under asr.sh's dump/raw/.
+    names = [args.train_dir.name, args.valid_dir.name, *(d.name for d in args.test_dirs)]
+    if len(set(names)) != len(names):
+        p.error(f"data dirs must have distinct names, got {names}")
+    train_set, valid_set = data / args.train_dir.name, data / args.valid_dir.name
+    tests = {d.name: d for d in args.test_dirs}
     token_list = exp / "token_list" / args.token_type / "tokens.txt"
     stats_dir = exp / f"asr_stats_raw_{args.token_type}"
     asr_dir = exp / "asr_train"
@@ -163,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     if "tokens" in args.stages:
         texts = exp / "token_list" / "train_text"
         texts.parent.mkdir(parents=True, exist_ok=True)
-        texts.write_text("".join(v + "\n" for v in _read_kaldi(train_set / "text").values()))
+        texts.write_text("".join(v + "\n" for v in read_kaldi(train_set / "text").values()))
         _run(py + ["espnet2.bin.tokenize_text", "--token_type", args.token_type,
                    "--input", str(texts), "--output", str(token_list),
                    "--field", "1-", "--cleaner", "none", "--g2p", "none",
@@ -208,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     decode_root = asr_dir / f"decode_{model_file.stem}"
 
     if "decode" in args.stages:
-        for name in ["valid", *tests]:
+        for name in [valid_set.name, *tests]:
             out = decode_root / name
             extra = ["--config", str(args.inference_config)] if args.inference_config else []
             _run(py + ["espnet2.bin.asr_inference", "--batch_size", "1", "--ngpu", str(args.ngpu),
@@ -219,16 +227,38 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
                  out / "decode.log")
 
     if "score" in args.stages:
-        for name in ["valid", *tests]:
-            ref = _read_kaldi(data / name / "text")
-            hyp = _read_kaldi(decode_root / name / "1best_recog" / "text")
+        for name in [valid_set.name, *tests]:
+            ref = read_kaldi(data / name / "text")
+            hyp = read_kaldi(decode_root / name / "1best_recog" / "text")
             res = {}
             for unit in ("word", "char"):
                 err, n = word_error_counts(ref, hyp, unit)
                 res["wer" if unit == "word" else "cer"] = 100.0 * err / max(n, 1)
             results[name] = res
             _log(f"{name}: WER {res['wer']:.1f}%  CER {res['cer']:.1f}%  ({len(ref)} utts)")
-        (decode_root / "results.json").write_text(json.dumps(results, indent=2))
+        (decode_root / "scores.json").write_text(json.dumps(results, indent=2))
+
+    if "report" in args.stages:
+        # Decoding speed is measured in one process with a fixed thread count, on the
+        # first test set (or the valid set), after a warm-up utterance: asr_inference's
+        # wall time would mostly measure Python start-up on sets this small.
+        rtf_set = data / (next(iter(tests)) if tests else valid_set.name)
+        report_json = decode_root / "report.json"
+        extra = ["--inference_config", str(args.inference_config)] if args.inference_config else []
+        ckpt = asr_dir / "checkpoint.pth"  # ESPnet's resume file: per-epoch timings
+        ckpt = ["--train_checkpoint", str(ckpt)] if ckpt.exists() else []
+        _run(py + ["espnet_ext.bin.measure_asr", "--asr_train_config", f"{asr_dir}/config.yaml",
+                   "--asr_model_file", str(model_file), "--data_dir", str(rtf_set),
+                   "--max_utts", str(args.rtf_utts), "--nthreads", str(args.rtf_threads),
+                   "--output", str(report_json), *extra, *ckpt], exp / "logs" / "report.log")
+        report = json.loads(report_json.read_text())
+        scores_file = decode_root / "scores.json"
+        report["sets"] = json.loads(scores_file.read_text()) if scores_file.exists() else {}
+        report["asr_config"] = str(args.asr_config)
+        (exp / "results.json").write_text(json.dumps(report, indent=2))
+        _log(f"report: {report['params'] / 1e6:.2f}M params ({report['encoder_params'] / 1e6:.2f}M "
+             f"encoder), {report['checkpoint_mb']:.1f} MB, decoding RTF {report['rtf']:.3f} -> "
+             f"{exp / 'results.json'}")
 
     if "pack" in args.stages:
         _run(py + ["espnet2.bin.pack", "asr", "--asr_train_config", f"{asr_dir}/config.yaml",

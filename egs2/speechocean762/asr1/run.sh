@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# speechocean762 ASR with ESPnet's asr.sh (needs an ESPnet checkout: run ./setup.sh first).
+# Every option of asr.sh can be appended, e.g.
+#   ./run.sh --asr_config conf/tuning/train_asr_moe_conformer.yaml
+#   ./run.sh --fast true             # smoke run: 80 train utterances, 1 epoch
+# Without a checkout, ./run_cpu.sh runs the same stages.
+set -euo pipefail
+
+fast=false
+args=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --fast) fast=$2; shift 2 ;;
+        *) args+=("$1"); shift ;;
+    esac
+done
+
+if [ ! -e asr.sh ]; then
+    echo "$0: asr.sh is missing; run 'ESPNET_ROOT=/path/to/espnet ./setup.sh' first" >&2
+    exit 1
+fi
+
+suffix=
+fast_opts=()
+if [ "${fast}" = true ]; then
+    suffix=_fast
+    fast_opts=(--local_data_opts "--fast true" --asr_args "--max_epoch 1"
+               --inference_config conf/decode_asr_fast.yaml --expdir exp_fast)
+fi
+
+./asr.sh \
+    --lang en \
+    --ngpu 0 \
+    --nj 2 \
+    --inference_nj 2 \
+    --feats_type raw \
+    --audio_format flac \
+    --token_type char \
+    --use_lm false \
+    --max_wav_duration 30 \
+    --asr_config conf/tuning/train_asr_conformer.yaml \
+    --inference_config conf/decode_asr.yaml \
+    --train_set "train${suffix}" \
+    --valid_set "dev${suffix}" \
+    --test_sets "dev${suffix} test${suffix}" \
+    --lm_train_text "data/train${suffix}/text" \
+    "${fast_opts[@]}" "${args[@]}"

@@ -1,0 +1,213 @@
+"""egs2/speechocean762/asr1 on the real corpus.
+
+``local/data.sh`` must write valid Kaldi dirs; ``run_cpu.sh --fast true`` (the
+no-checkout runner: the asr.sh chain of ``python -m espnet2.bin.*`` calls, each in a fresh
+interpreter that never imports espnet_ext by name) must train, decode, score, report and
+pack the MoE config end to end.
+"""
+
+import json
+import os
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+
+RECIPE = REPO / "egs2" / "speechocean762" / "asr1"
+
+
+def _run(cmd, corpus: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SPEECHOCEAN762=str(corpus))
+    env.pop("ESPNET_EXT_DISABLE", None)
+    proc = subprocess.run(cmd, cwd=RECIPE, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _table(path: Path):
+    lines = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    return [tuple(l.split(" ", 1)) for l in lines]
+
+
+@pytest.fixture(scope="module")
+def data_dir(speechocean, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    _run(["bash", "local/data.sh", "--data_dir", str(out)], speechocean)
+    return out
+
+
+@pytest.mark.parametrize("split", ["train", "dev", "test"])
+def test_data_sh_writes_sorted_kaldi_dirs_with_matching_ids(data_dir, split):
+    d = data_dir / split
+    tables = {f: _table(d / f) for f in ("wav.scp", "text", "utt2spk", "spk2utt")}
+    for name, rows in tables.items():
+        keys = [k for k, _ in rows]
+        # LC_ALL=C sort order (bytes), no duplicates: what utils/validate_data_dir.sh checks.
+        assert keys == sorted(set(keys), key=lambda k: k.encode()), f"{split}/{name} not sorted/unique"
+    utts = [k for k, _ in tables["wav.scp"]]
+    assert utts == [k for k, _ in tables["text"]] == [k for k, _ in tables["utt2spk"]]
+    utt2spk = dict(tables["utt2spk"])
+    spk2utt = {s: u.split() for s, u in tables["spk2utt"]}
+    assert sorted(u for us in spk2utt.values() for u in us) == utts
+    assert all(utt2spk[u] == s for s, us in spk2utt.items() for u in us)
+    # Kaldi also needs utterances grouped by speaker in utterance order.
+    assert [u for _, us in sorted(spk2utt.items()) for u in us] == utts
+    for _, path in tables["wav.scp"]:
+        assert Path(path).is_absolute() and Path(path).is_file(), path
+
+
+def test_data_sh_splits_have_expected_sizes_and_disjoint_speakers(data_dir):
+    spk = {s: {k for k, _ in _table(data_dir / s / "spk2utt")} for s in ("train", "dev", "test")}
+    n = {s: len(_table(data_dir / s / "text")) for s in ("train", "dev", "test")}
+    assert n == {"train": 2400, "dev": 100, "test": 220}
+    assert not (spk["train"] & spk["dev"]) and not (spk["train"] & spk["test"])
+
+
+def test_data_sh_reads_the_original_corpus_layout(tmp_path):
+    """OpenSLR 101 ships train/ and test/ with WAVE/SPEAKERxxxx/*.WAV paths."""
+    root = tmp_path / "speechocean762"
+    for split, spks in (("train", ["0001", "0002"]), ("test", ["0003"])):
+        (root / split).mkdir(parents=True)
+        rows = [(f"0{s}{i:04d}", s) for s in spks for i in range(2)]
+        for utt, s in rows:
+            wav = root / "WAVE" / f"SPEAKER{s}" / f"{utt}.WAV"
+            wav.parent.mkdir(parents=True, exist_ok=True)
+            wav.write_bytes(b"RIFF")
+        (root / split / "wav.scp").write_text("".join(f"{u} WAVE/SPEAKER{s}/{u}.WAV\n" for u, s in rows))
+        (root / split / "text").write_text("".join(f"{u} HELLO WORLD\n" for u, _ in rows))
+        (root / split / "utt2spk").write_text("".join(f"{u} {s}\n" for u, s in rows))
+    out = tmp_path / "data"
+    _run(["bash", "local/data.sh", "--data_dir", str(out), "--dev_every", "2"], root)
+    assert [k for k, _ in _table(out / "test" / "wav.scp")] == ["000030000", "000030001"]
+    assert {s for s, _ in _table(out / "dev" / "spk2utt")} == {"0001"}
+    assert {s for s, _ in _table(out / "train" / "spk2utt")} == {"0002"}
+
+
+def test_data_sh_names_the_corpus_variable_when_the_corpus_is_missing(tmp_path):
+    env = dict(os.environ, SPEECHOCEAN762=str(tmp_path / "nowhere"))
+    proc = subprocess.run(["bash", "local/data.sh", "--data_dir", str(tmp_path / "d")], cwd=RECIPE,
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "SPEECHOCEAN762" in proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def fast_run(speechocean, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fast")
+    proc = _run(["./run_cpu.sh", "--fast", "true",
+                 "--asr_config", "conf/tuning/train_asr_moe_conformer.yaml",
+                 "--expdir", str(tmp / "exp"), "--datadir", str(tmp / "data")], speechocean)
+    return tmp / "exp", proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_fast_run_prints_wer_and_writes_results(fast_run):
+    exp, out = fast_run
+    assert "dev_fast: WER" in out and "test_fast: WER" in out
+    res = json.loads((exp / "results.json").read_text())
+    assert set(res["sets"]) == {"dev_fast", "test_fast"}
+    assert all(0 <= v["wer"] and 0 <= v["cer"] for v in res["sets"].values())
+    assert res["params"] > res["encoder_params"] > 0 and res["rtf"] > 0
+    assert res["train_seconds"] > 0 and res["epochs"] == 1
+
+
+@pytest.mark.slow
+def test_fast_run_decodes_every_utterance(fast_run):
+    exp, _ = fast_run
+    for name in ("dev_fast", "test_fast"):
+        ref = {l.split()[0] for l in (exp / "data" / name / "text").read_text().splitlines() if l.strip()}
+        hyp_file = next(exp.glob(f"asr_train/decode_*/{name}/1best_recog/text"))
+        hyp = {l.split()[0] for l in hyp_file.read_text().splitlines() if l.strip()}
+        assert len(ref) == 10 and hyp == ref
+
+
+@pytest.mark.slow
+def test_fast_run_logs_aux_losses_and_routing_stats(fast_run):
+    exp, _ = fast_run
+    log = (exp / "asr_train" / "train.log").read_text()
+    for key in ("enc_moe_load_entropy=", "dec_moe_load_max=", "enc_moe_frac_e3="):
+        assert key in log
+
+
+@pytest.mark.slow
+def test_fast_run_checkpoint_reloads_without_missing_or_unexpected_keys(fast_run):
+    from espnet2.tasks.asr import ASRTask
+
+    from espnet_ext.encoders.moe_conformer import MoEConformerEncoder
+    from espnet_ext.models.asr_model import ESPnetExtASRModel
+
+    asr_dir = fast_run[0] / "asr_train"
+    model, _ = ASRTask.build_model_from_file(asr_dir / "config.yaml", None, "cpu")
+    assert isinstance(model, ESPnetExtASRModel)
+    assert isinstance(model.encoder, MoEConformerEncoder)
+    state = torch.load(asr_dir / "latest.pth", map_location="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert missing == [] and unexpected == []
+
+
+@pytest.mark.slow
+def test_fast_run_packs_config_and_weights(fast_run):
+    with zipfile.ZipFile(fast_run[0] / "asr_model.zip") as z:
+        names = z.namelist()
+    assert any(n.endswith("config.yaml") for n in names)
+    assert any(n.endswith(".pth") for n in names)
+
+
+def test_results_table_has_a_row_per_config_and_marks_missing_runs_pending(tmp_path):
+    exp = tmp_path / "exp_cpu" / "train_asr_conformer"
+    exp.mkdir(parents=True)
+    (exp / "results.json").write_text(json.dumps({
+        "params": 4.63e6, "encoder_params": 3.61e6, "checkpoint_mb": 17.8, "rtf": 0.045,
+        "train_seconds": 3000, "epochs": 8, "sets": {"dev": {"wer": 40.0, "cer": 20.0},
+                                         "test": {"wer": 61.5, "cer": 33.3}}}))
+    readme = tmp_path / "README.md"
+    readme.write_text("# r\n<!-- RESULTS:BEGIN -->\nold\n<!-- RESULTS:END -->\ntail\n")
+    plot = tmp_path / "results.png"
+    subprocess.run(["python3", "local/results.py", "--exp_root", str(tmp_path / "exp_cpu"),
+                    "--readme", str(readme), "--plot", str(plot)], cwd=RECIPE, check=True,
+                   capture_output=True)
+    text = readme.read_text()
+    configs = sorted(p.stem for p in (RECIPE / "conf" / "tuning").glob("train_*.yaml"))
+    rows = [l for l in text.splitlines() if l.startswith("| train_")]
+    assert [r.split(" | ")[0][2:] for r in rows] == configs
+    measured = next(r for r in rows if r.startswith("| train_asr_conformer |"))
+    assert "| 4.63 | 3.61 | 17.8 | 40.0 | 20.0 | 61.5 | 33.3 | 0.045 | 0h50m (8 ep) |" in measured
+    assert all("pending" in r for r in rows if r is not measured)
+    assert "old" not in text and text.endswith("tail\n")
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def _fake_espnet(root: Path) -> Path:
+    template = root / "egs2" / "TEMPLATE" / "asr1"
+    for d in ("utils", "steps", "scripts", "pyscripts"):
+        (template / d).mkdir(parents=True)
+    (template / "asr.sh").write_text("#!/usr/bin/env bash\n")
+    return root
+
+
+@pytest.mark.parametrize("inside_checkout", [True, False])
+def test_setup_sh_links_the_template_and_path_sh_finds_the_espnet_root(tmp_path, inside_checkout):
+    import shutil
+
+    espnet = _fake_espnet(tmp_path / "espnet")
+    recipe = (espnet if inside_checkout else tmp_path / "elsewhere") / "egs2" / "speechocean762" / "asr1"
+    shutil.copytree(RECIPE, recipe, ignore=shutil.ignore_patterns(
+        "data", "exp*", "dump", "asr.sh", "utils", "steps", "scripts", "pyscripts"))
+    subprocess.run(["./setup.sh"], cwd=recipe, env=dict(os.environ, ESPNET_ROOT=str(espnet)),
+                   check=True, capture_output=True)
+    for name in ("asr.sh", "utils", "steps", "scripts", "pyscripts"):
+        link = recipe / name
+        assert link.is_symlink() and link.resolve() == (espnet / "egs2/TEMPLATE/asr1" / name).resolve()
+        assert Path(os.readlink(link)).is_absolute() is not inside_checkout
+    out = subprocess.run(["bash", "-c", ". ./path.sh && echo $MAIN_ROOT"], cwd=recipe,
+                         check=True, capture_output=True, text=True).stdout.strip()
+    assert Path(out).resolve() == espnet.resolve()
+
+
+def test_setup_sh_without_espnet_root_says_what_to_set(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "ESPNET_ROOT"}
+    proc = subprocess.run(["bash", str(RECIPE / "setup.sh")], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "ESPNET_ROOT" in proc.stderr

@@ -30,9 +30,9 @@ done
 cd "$(dirname "$0")"
 
 # One thread per job, as ESPnet's path.sh sets. On our shared 2-core machines a 2-thread
-# dense training job took 2.4-11 s per update (its threads wait on each other whenever
-# the host takes a core away), while two 1-thread jobs side by side took ~2.9 s (dense)
-# and ~3.5 s (MoE) per update each. OMP_NUM_THREADS=2 ./run_cpu.sh overrides it.
+# dense training job took 2.4-11 s per 24-utterance update (its threads wait on each
+# other whenever the host takes a core away), while two 1-thread jobs side by side took
+# ~2.9 s (dense) and ~3.5 s (MoE) each. OMP_NUM_THREADS=2 ./run_cpu.sh overrides it.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 suffix=

@@ -63,13 +63,20 @@ def _mixtral_block(moe: MoEFeedForward):
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     except ImportError:
         return None
-    cfg = MixtralConfig(hidden_size=D, intermediate_size=F, num_local_experts=E,
+    # Mixtral experts are SwiGLU (three D x F' matrices, ours two D x F): F' = 2F/3 gives
+    # the same parameters and FLOPs per expert, so the ratios compare dispatch, not size.
+    cfg = MixtralConfig(hidden_size=D, intermediate_size=round(2 * F / 3), num_local_experts=E,
                         num_experts_per_tok=K)
     if hasattr(cfg, "_experts_implementation"):
         # transformers >= 5 dispatches experts through a registry; a standalone block
         # has no model to set it, so name the default eager loop explicitly.
         cfg._experts_implementation = "eager"
     block = MixtralSparseMoeBlock(cfg).eval()
+    # transformers 5 allocates these with torch.empty (a model's post_init fills them): an
+    # uninitialised router sends every token to the same experts and fakes a fast block.
+    torch.manual_seed(0)
+    for param in block.parameters():
+        torch.nn.init.normal_(param, std=0.02)
 
     def run(x):
         out = block(x.unsqueeze(0))  # (1, N, D); transformers < 5 also returned logits

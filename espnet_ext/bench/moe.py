@@ -74,9 +74,9 @@ def _mixtral_block(moe: MoEFeedForward):
     block = MixtralSparseMoeBlock(cfg).eval()
     # transformers 5 allocates these with torch.empty (a model's post_init fills them): an
     # uninitialised router sends every token to the same experts and fakes a fast block.
-    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)  # own generator: leave the global RNG alone
     for param in block.parameters():
-        torch.nn.init.normal_(param, std=0.02)
+        torch.nn.init.normal_(param, std=0.02, generator=gen)
 
     def run(x):
         out = block(x.unsqueeze(0))  # (1, N, D); transformers < 5 also returned logits

@@ -54,14 +54,14 @@ def measure(asr_train_config: Path, asr_model_file: Path, data_dir: Path,
     wavs = list(read_kaldi(data_dir / "wav.scp").items())[:max_utts]
     if not wavs:
         raise ValueError(f"{data_dir}/wav.scp lists no utterances")
-    audio = [soundfile.read(path, dtype="float32")[0] for _, path in wavs]
+    reads = [soundfile.read(path, dtype="float32") for _, path in wavs]  # (samples, rate)
+    audio = [samples for samples, _ in reads]
     s2t(torch.from_numpy(audio[0]))  # warm-up: first-call allocations and lazy init
     start = time.perf_counter()
     for a in audio:
         s2t(torch.from_numpy(a))
     seconds = time.perf_counter() - start
-    fs = soundfile.info(wavs[0][1]).samplerate
-    audio_seconds = sum(len(a) for a in audio) / fs
+    audio_seconds = sum(len(samples) / rate for samples, rate in reads)
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "encoder_params": sum(p.numel() for p in model.encoder.parameters()),

@@ -6,8 +6,9 @@ For a token ``x`` (size D) with router logits ``r = W_r x`` (no bias, fp32):
 
 as WeNet's ``MoEFFNLayer``: the softmax runs over the k selected logits only, and
 routing is dropless (no capacity, every token reaches its k experts). Each expert is
-ESPnet's own ``PositionwiseFeedForward``, so one expert with top-1 *is* ESPnet's dense
-FFN and a dense checkpoint's FFN weights load into ``experts.0``.
+ESPnet's own ``PositionwiseFeedForward``, so one expert with top-1 computes ESPnet's
+dense FFN (``swish`` as the same function in one kernel, see :func:`expert_activation`)
+and a dense checkpoint's FFN weights load into ``experts.0``.
 
 *What* is computed (router + experts) is separate from *how* tokens are dispatched:
 ``impl`` selects a function from ``DISPATCH``; every implementation must give the same
@@ -24,7 +25,13 @@ from espnet.nets.pytorch_backend.transformer.positionwise_feed_forward import (
 
 from espnet_ext.layers.aux import AuxRecorder
 
-__all__ = ["MoEFeedForward", "DISPATCH", "dispatch_reference", "dispatch_sorted"]
+__all__ = [
+    "MoEFeedForward",
+    "DISPATCH",
+    "dispatch_reference",
+    "dispatch_sorted",
+    "expert_activation",
+]
 
 
 def dispatch_reference(
@@ -59,32 +66,55 @@ def dispatch_sorted(
     weights: torch.Tensor,
     indices: torch.Tensor,
     experts: torch.nn.ModuleList,
+    layout: Optional[str] = None,
 ) -> torch.Tensor:
     """Sorted dropless dispatch: one argsort, one host sync, one GEMM pair per expert.
 
-    The N*k (token, slot) pairs are sorted by expert so that each expert's tokens are
-    contiguous rows; each expert runs once on its block; the inverse permutation puts
-    the results back in (token, slot) order and the k slots are summed. The sum is a
-    fixed-order reduction (no ``index_add_`` atomics), so results are deterministic on
-    GPU too. Compared with a per-expert ``torch.where`` loop it saves E-1 host syncs
-    (one ``nonzero`` per expert) and the scattered ``+=``.
+    The N*k (token, slot) pairs are sorted by expert, so each expert's pairs form one
+    contiguous block, and the block sizes come to the host in one sync (a per-expert
+    ``torch.where`` loop pays one ``nonzero`` sync per expert). Each expert then runs
+    once on its block. Two layouts of the same computation:
 
-    Args / returns: as :func:`dispatch_reference`.
+    - ``"gather"`` (default on accelerators): gather all N*k rows at once, run the
+      experts on contiguous slices, un-sort with the inverse permutation (a gather; a
+      scatter is ~10x slower) and sum the k slots in one batched product. Few, large
+      kernels, and the sum is a fixed-order reduction (no atomics): deterministic on GPU.
+    - ``"stream"`` (default on CPU): gather, run and scatter-add one expert block at a
+      time. The N*k x D buffers of ``"gather"`` (4 MB at 2000 tokens, d=256, k=2)
+      outgrow the L2 cache; one expert's block stays in it (measured ~5-8% faster at
+      2000 tokens). CPU ``index_add_`` is deterministic.
+
+    Experts with no rows still run on an empty block, keeping their parameters in the
+    graph (zero gradients) as the reference does.
+
+    Args:
+        x, weights, indices, experts: as :func:`dispatch_reference`.
+        layout: ``"gather"`` or ``"stream"``; ``None`` picks by ``x.device``.
+
+    Returns:
+        (N, D), as :func:`dispatch_reference`.
     """
     n, k = indices.shape
     flat = indices.reshape(-1)  # (N*k,) expert of each (token, slot) pair
     order = flat.argsort(stable=True)  # (N*k,) pairs grouped by expert
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
     # The one host sync: split sizes must be Python ints.
     counts = torch.bincount(flat, minlength=len(experts)).tolist()  # (E,)
-    rows = x.index_select(0, order // k)  # (N*k, D) token of each sorted pair
-    # Experts with no rows still run on an empty block, keeping their parameters in the
-    # graph (zero gradients) as the reference does.
+    token = order // k  # (N*k,) token of each sorted pair
+    if layout is None:
+        layout = "stream" if x.device.type == "cpu" else "gather"
+    if layout == "stream":
+        pair_weights = weights.reshape(-1)[order].unsqueeze(-1)  # (N*k, 1)
+        out = torch.zeros_like(x)
+        for expert, tok, w in zip(experts, token.split(counts), pair_weights.split(counts)):
+            out.index_add_(0, tok, (expert(x.index_select(0, tok)) * w).to(out.dtype))
+        return out
+    if layout != "gather":
+        raise ValueError(f"layout must be 'gather', 'stream' or None, got {layout!r}")
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    rows = x.index_select(0, token)  # (N*k, D)
     ys = torch.cat([expert(block) for expert, block in zip(experts, rows.split(counts))])
-    # Un-sort with a gather (a scatter is ~10x slower on CPU), then weight and sum the
-    # k slots in one batched (1 x k) @ (k x D) product.
-    ys = ys.index_select(0, inverse).view(n, k, -1)  # (N, k, D)
+    ys = ys.index_select(0, inverse).view(n, k, -1)  # (N, k, D), back in (token, slot) order
     return torch.bmm(weights.unsqueeze(1).to(ys.dtype), ys).squeeze(1).to(x.dtype)  # (N, D)
 
 
@@ -214,6 +244,22 @@ class MoEFeedForward(AuxRecorder, torch.nn.Module):
         return f"num_experts={self.num_experts}, top_k={self.top_k}, impl={self.impl!r}"
 
 
+def expert_activation(activation_type: str) -> torch.nn.Module:
+    """ESPnet's activation for ``activation_type``, with ``swish`` as ``torch.nn.SiLU``.
+
+    ESPnet's ``Swish`` computes ``x * sigmoid(x)`` in two kernels and keeps both ``x``
+    and ``sigmoid(x)`` for backward; ``SiLU`` is the same function in one kernel that
+    keeps only ``x`` (as WeNet's experts use). Measured on an expert of 500 rows,
+    d=256, f=1024: 14% faster, and one (N*k, F) activation less per MoE layer in
+    training. Results agree with ``Swish`` to float rounding.
+    """
+    if activation_type == "swish":
+        return torch.nn.SiLU()
+    from espnet.nets.pytorch_backend.nets_utils import get_activation
+
+    return get_activation(activation_type)
+
+
 def moe_ffn_factory(
     idim: int,
     linear_units: int,
@@ -230,10 +276,9 @@ def moe_ffn_factory(
     """Map our encoders'/decoders' YAML MoE options to a builder of MoE FFNs.
 
     One place for the rules they share: experts default to the dense FFN size
-    (``expert_units=None`` -> ``linear_units``, as in U2++ MoE) and every expert gets
-    its own activation module, built the way ESPnet builds it.
+    (``expert_units=None`` -> ``linear_units``, as in U2++ MoE) and take their
+    activation from :func:`expert_activation`.
     """
-    from espnet.nets.pytorch_backend.nets_utils import get_activation
 
     def make_moe() -> MoEFeedForward:
         return MoEFeedForward(
@@ -242,7 +287,7 @@ def moe_ffn_factory(
             num_experts=num_experts,
             top_k=top_k,
             dropout_rate=dropout_rate,
-            activation=get_activation(activation_type),
+            activation=expert_activation(activation_type),
             impl=moe_impl,
             balance_loss_weight=moe_balance_weight,
             z_loss_weight=moe_z_weight,

@@ -43,7 +43,8 @@ def test_one_expert_equals_espnet_conformer_with_same_weights():
     xs, ilens = _inputs()
     ref, ref_lens, _ = dense(xs, ilens)
     out, out_lens, _ = moe(xs, ilens)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    # Equal to float rounding: the experts compute swish as SiLU, ESPnet as x*sigmoid(x).
+    torch.testing.assert_close(out, ref)
     assert torch.equal(out_lens, ref_lens)
 
 

@@ -1,5 +1,6 @@
 """MoEFeedForward: exactness of routing and dispatch, aux losses, bad configs."""
 
+import functools
 import math
 
 import pytest
@@ -9,9 +10,22 @@ from espnet.nets.pytorch_backend.transformer.positionwise_feed_forward import (
 )
 
 from espnet_ext.layers.aux import collect_aux
-from espnet_ext.layers.moe import DISPATCH, MoEFeedForward
+from espnet_ext.layers.moe import DISPATCH, MoEFeedForward, dispatch_sorted
 
 D, F, E = 8, 16, 4
+
+# ``sorted`` picks its layout by device; test both layouts on CPU.
+VARIANTS = {
+    **DISPATCH,
+    "sorted[gather]": functools.partial(dispatch_sorted, layout="gather"),
+    "sorted[stream]": functools.partial(dispatch_sorted, layout="stream"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _all_dispatch_variants(monkeypatch):
+    for name, fn in VARIANTS.items():
+        monkeypatch.setitem(DISPATCH, name, fn)
 
 
 def dense_oracle(moe: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +72,7 @@ def test_one_expert_top1_equals_espnet_dense_ffn():
     assert g_m["router.weight"].abs().sum() == 0  # softmax over one logit is constant
 
 
-@pytest.mark.parametrize("impl", sorted(DISPATCH))
+@pytest.mark.parametrize("impl", sorted(VARIANTS))
 @pytest.mark.parametrize("skew", [0.0, 20.0])
 def test_dispatch_matches_dense_oracle_outputs_and_gradients(impl, skew):
     moe = _moe(impl)
@@ -74,7 +88,7 @@ def test_dispatch_matches_dense_oracle_outputs_and_gradients(impl, skew):
     assert_same_grads(g, ref_g)
 
 
-@pytest.mark.parametrize("impl", sorted(DISPATCH))
+@pytest.mark.parametrize("impl", sorted(VARIANTS))
 def test_unused_experts_get_zero_not_missing_gradients(impl):
     moe = _moe(impl)
     with torch.no_grad():
@@ -138,9 +152,10 @@ def test_bad_configuration_raises(kw, message):
         MoEFeedForward(D, F, **kw)
 
 
-def test_sorted_equals_reference_outputs_and_gradients_with_empty_experts():
+@pytest.mark.parametrize("impl", ["sorted[gather]", "sorted[stream]"])
+def test_sorted_equals_reference_outputs_and_gradients_with_empty_experts(impl):
     ref = _moe("reference", num_experts=8, top_k=2, seed=3)
-    fast = _moe("sorted", num_experts=8, top_k=2, seed=4)
+    fast = _moe(impl, num_experts=8, top_k=2, seed=4)
     fast.load_state_dict(ref.state_dict())
     with torch.no_grad():  # experts 5..7 get no token at all
         ref.router.weight[5:] -= 50.0
@@ -154,7 +169,7 @@ def test_sorted_equals_reference_outputs_and_gradients_with_empty_experts():
     assert_same_grads(g_f, g_r)
 
 
-@pytest.mark.parametrize("impl", sorted(DISPATCH))
+@pytest.mark.parametrize("impl", sorted(VARIANTS))
 def test_utterance_output_independent_of_batch_neighbours_and_padding(impl):
     # Routing is per token, so an utterance's frames get the same output alone or
     # inside a padded batch. (ESPnet's conformer as a whole is not padding invariant:
@@ -163,3 +178,11 @@ def test_utterance_output_independent_of_batch_neighbours_and_padding(impl):
     utt = torch.randn(1, 5, D)
     batch = torch.cat([torch.cat([utt, torch.zeros(1, 4, D)], 1), torch.randn(1, 9, D)])
     torch.testing.assert_close(moe(batch)[:1, :5], moe(utt))
+
+
+def test_unknown_sorted_layout_raises():
+    moe = _moe()
+    x = torch.randn(4, D)
+    _, weights, indices = moe.route(x)
+    with pytest.raises(ValueError, match="layout"):
+        dispatch_sorted(x, weights, indices, moe.experts, layout="scatter")

@@ -10,9 +10,10 @@ Every number is a ratio of timings taken in the same run, interleaved round-robi
    ``transformers`` is installed.
 2. Encoder: moe_conformer (E=8, k=2) vs the dense conformer of the same dims on batches
    of real utterances: RTF ratio next to the ratio of active FLOPs (counted by
-   ``torch.utils.flop_counter``), parameters, and peak memory (CUDA: max allocated;
+   ``torch.utils.flop_counter``), parameters, and peak memory, parameters included
+   (CUDA: the encoder's parameters plus the peak allocation growth of one forward;
    CPU: peak RSS growth of a fresh process building the encoder and running one
-   forward, parameters included).
+   forward).
 
 Writes a Markdown table to ``--out`` (default ``bench_results/moe.md``).
 """
@@ -78,7 +79,7 @@ def _dispatch_fn(moe: MoEFeedForward, name: str) -> Callable[[torch.Tensor], tor
     return moe
 
 
-def _mixtral_block():
+def _mixtral_block(device: str):
     """HF Mixtral sparse MoE block with the same sizes, or None without transformers."""
     try:
         from transformers import MixtralConfig
@@ -99,6 +100,7 @@ def _mixtral_block():
     gen = torch.Generator().manual_seed(0)  # own generator: leave the global RNG alone
     for param in block.parameters():
         torch.nn.init.normal_(param, std=0.02, generator=gen)
+    block.to(device)
 
     def run(x):
         out = block(x.unsqueeze(0))  # (1, N, D); transformers < 5 also returned logits
@@ -154,7 +156,7 @@ def layer_bench(device: str, repeats: int) -> List[dict]:
     for name in MOE_CANDIDATES:
         moes[name] = copy.deepcopy(base).to(device).eval()
     wenet = WeNetLoopMoE(copy.deepcopy(base).to(device).eval())
-    mixtral = _mixtral_block() if device == "cpu" else None
+    mixtral = _mixtral_block(device)
     floor_moe = copy.deepcopy(base).to(device).eval()
     rows = []
     for n in (16, 256, 2000):
@@ -264,10 +266,15 @@ def encoder_bench(device: str, corpus: Path, n_utts: int, num_blocks: int, repea
         out[f"{k}_rtf"] = t[k] / seconds
         out[f"{k}_params"] = sum(p.numel() for p in e.parameters())
         if device == "cuda":
+            # Same quantity as on CPU: this encoder's parameters plus its forward's peak
+            # (the other encoder and the features are resident too: subtract them).
+            resident = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             with torch.inference_mode():
                 e(feats, flens)
-            out[f"{k}_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            param_bytes = sum(p.numel() * p.element_size() for p in e.parameters())
+            out[f"{k}_peak_mb"] = (torch.cuda.max_memory_allocated() - resident
+                                   + param_bytes) / 2**20
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 feats_file = f"{tmp}/feats.pt"

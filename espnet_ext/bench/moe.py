@@ -144,6 +144,17 @@ def _floor(moe: MoEFeedForward, x: torch.Tensor) -> Callable[[], object]:
     return lambda: [expert(b) for expert, b in zip(moe.experts, blocks)]
 
 
+def _check_same_outputs(cands: Dict[str, Callable], x: torch.Tensor) -> None:
+    """Refuse to time candidates that compute different things (same weights, so the
+    same outputs): a broken baseline would print plausible but meaningless ratios."""
+    outs = {k: f(x) for k, f in cands.items()}
+    ref = outs["reference"]
+    for k, out in outs.items():
+        if not torch.allclose(out, ref, rtol=1e-4, atol=1e-5):
+            raise RuntimeError(f"bench candidate {k!r} differs from 'reference' by "
+                               f"{(out - ref).abs().max().item():.3g}")
+
+
 def layer_bench(device: str, repeats: int) -> List[dict]:
     torch.manual_seed(0)
     # Experts and the dense FFN share one activation kernel (SiLU, see
@@ -166,6 +177,7 @@ def layer_bench(device: str, repeats: int) -> List[dict]:
         if mixtral is not None:
             cands["hf_mixtral"] = mixtral
         with torch.inference_mode():
+            _check_same_outputs({k: cands[k] for k in (*MOE_CANDIDATES, "wenet_loop")}, x)
             fns = {k: (lambda f=f: f(x)) for k, f in cands.items()}
             fns["floor"] = _floor(floor_moe, x)
             t = _time_round_robin(fns, repeats)

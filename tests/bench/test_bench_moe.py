@@ -10,3 +10,12 @@ def test_layer_benchmark_writes_a_table_with_every_size(tmp_path):
     for row in ("| inference | 16 |", "| inference | 256 |", "| inference | 2000 |",
                 "| training | 2000 |"):
         assert row in text
+
+
+def test_layer_benchmark_refuses_a_baseline_that_computes_something_else():
+    import pytest
+    import torch
+
+    x = torch.randn(5, 3)
+    with pytest.raises(RuntimeError, match="'broken' differs from 'reference'"):
+        moe._check_same_outputs({"reference": lambda t: t, "broken": lambda t: 2 * t}, x)

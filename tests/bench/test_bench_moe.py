@@ -1,5 +1,8 @@
 """The MoE benchmark runs and writes its table (speed is never asserted in tests)."""
 
+import pytest
+import torch
+
 from espnet_ext.bench import moe
 
 
@@ -13,9 +16,6 @@ def test_layer_benchmark_writes_a_table_with_every_size(tmp_path):
 
 
 def test_layer_benchmark_refuses_a_baseline_that_computes_something_else():
-    import pytest
-    import torch
-
     x = torch.randn(5, 3)
     with pytest.raises(RuntimeError, match="'broken' differs from 'reference'"):
         moe._check_same_outputs({"reference": lambda t: t, "broken": lambda t: 2 * t}, x)

@@ -35,7 +35,13 @@ from espnet.nets.pytorch_backend.transformer.positionwise_feed_forward import (
     PositionwiseFeedForward,
 )
 
-from espnet_ext.layers.moe import MoEFeedForward, dispatch_sorted, expert_activation
+from espnet_ext.layers.moe import (
+    MoEFeedForward,
+    default_layout,
+    dispatch_sorted,
+    expert_activation,
+    sort_pairs,
+)
 
 D, F, E, K = 256, 1024, 8, 2
 
@@ -62,7 +68,7 @@ MOE_CANDIDATES = ("sorted[gather]", "sorted[stream]", "reference")
 
 
 def _default_sorted(device: str) -> str:
-    return "sorted[stream]" if device == "cpu" else "sorted[gather]"
+    return f"sorted[{default_layout(device)}]"
 
 
 def _dispatch_fn(moe: MoEFeedForward, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -138,9 +144,8 @@ def _floor(moe: MoEFeedForward, x: torch.Tensor) -> Callable[[], object]:
     experts. ``loop / floor`` bounds the speed-up any dispatch can have over a loop.
     """
     _, _, indices = moe.route(x)
-    flat = indices.reshape(-1)
-    counts = torch.bincount(flat, minlength=moe.num_experts).tolist()
-    blocks = x.index_select(0, flat.argsort(stable=True) // moe.top_k).split(counts)
+    _, token, counts = sort_pairs(indices, moe.num_experts)
+    blocks = x.index_select(0, token).split(counts)
     return lambda: [expert(b) for expert, b in zip(moe.experts, blocks)]
 
 

@@ -16,7 +16,7 @@ outputs and gradients as ``"reference"``.
 """
 
 import math
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from espnet.nets.pytorch_backend.transformer.positionwise_feed_forward import (
@@ -30,7 +30,9 @@ __all__ = [
     "DISPATCH",
     "dispatch_reference",
     "dispatch_sorted",
+    "default_layout",
     "expert_activation",
+    "sort_pairs",
 ]
 
 
@@ -61,6 +63,31 @@ def dispatch_reference(
     return out
 
 
+def sort_pairs(
+    indices: torch.Tensor, num_experts: int
+) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """Group the (token, slot) pairs by expert: one stable argsort, one host sync.
+
+    Args:
+        indices: (N, k) selected expert ids.
+        num_experts: E.
+
+    Returns:
+        order (N*k,): pair ids (``token * k + slot``) grouped by expert, token order kept
+        within an expert; token (N*k,): the token of each sorted pair; counts: list of E
+        Python ints, the block sizes (the host sync: split sizes must be ints).
+    """
+    flat = indices.reshape(-1)  # (N*k,) expert of each (token, slot) pair
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return order, order // indices.size(1), counts
+
+
+def default_layout(device: torch.device) -> str:
+    """The layout :func:`dispatch_sorted` uses on ``device`` when none is given."""
+    return "stream" if torch.device(device).type == "cpu" else "gather"
+
+
 def dispatch_sorted(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -81,35 +108,33 @@ def dispatch_sorted(
       kernels, and the sum is a fixed-order reduction (no atomics): deterministic on GPU.
     - ``"stream"`` (default on CPU): gather, run and scatter-add one expert block at a
       time. The N*k x D buffers of ``"gather"`` (4 MB at 2000 tokens, d=256, k=2)
-      outgrow the L2 cache; one expert's block stays in it (measured ~5-8% faster at
-      2000 tokens). CPU ``index_add_`` is deterministic.
+      outgrow the L2 cache; one expert's block stays in it (measured at 2000 tokens:
+      0.95x a dense FFN of the same active size, against 1.08-1.14x for ``"gather"``).
+      CPU ``index_add_`` is deterministic.
 
     Experts with no rows still run on an empty block, keeping their parameters in the
     graph (zero gradients) as the reference does.
 
     Args:
         x, weights, indices, experts: as :func:`dispatch_reference`.
-        layout: ``"gather"`` or ``"stream"``; ``None`` picks by ``x.device``.
+        layout: ``"gather"`` or ``"stream"``; ``None``: :func:`default_layout` of
+            ``x.device``.
 
     Returns:
         (N, D), as :func:`dispatch_reference`.
     """
-    n, k = indices.shape
-    flat = indices.reshape(-1)  # (N*k,) expert of each (token, slot) pair
-    order = flat.argsort(stable=True)  # (N*k,) pairs grouped by expert
-    # The one host sync: split sizes must be Python ints.
-    counts = torch.bincount(flat, minlength=len(experts)).tolist()  # (E,)
-    token = order // k  # (N*k,) token of each sorted pair
     if layout is None:
-        layout = "stream" if x.device.type == "cpu" else "gather"
+        layout = default_layout(x.device)
+    if layout not in ("gather", "stream"):
+        raise ValueError(f"layout must be 'gather', 'stream' or None, got {layout!r}")
+    n, k = indices.shape
+    order, token, counts = sort_pairs(indices, len(experts))
     if layout == "stream":
         pair_weights = weights.reshape(-1)[order].unsqueeze(-1)  # (N*k, 1)
         out = torch.zeros_like(x)
         for expert, tok, w in zip(experts, token.split(counts), pair_weights.split(counts)):
             out.index_add_(0, tok, (expert(x.index_select(0, tok)) * w).to(out.dtype))
         return out
-    if layout != "gather":
-        raise ValueError(f"layout must be 'gather', 'stream' or None, got {layout!r}")
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     rows = x.index_select(0, token)  # (N*k, D)

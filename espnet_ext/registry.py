@@ -77,7 +77,9 @@ def validate_table(entries: Tuple[Entry, ...] = ENTRIES) -> None:
         if e.key != e.key.lower() or not e.key.strip():
             raise ValueError(f"{where}: keys must be non-empty lower case")
         if e.key in ("none", "nil", "null"):
-            raise ValueError(f"{where}: 'none', 'nil' and 'null' are reserved by ESPnet")
+            raise ValueError(
+                f"{where}: 'none', 'nil' and 'null' are reserved by ESPnet"
+            )
         if not e.choices.endswith("_choices"):
             raise ValueError(f"{where}: choices name must end with '_choices'")
         if ":" not in e.class_path:

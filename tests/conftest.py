@@ -21,7 +21,9 @@ def speechocean() -> Path:
     """The speechocean762 corpus (Kaldi lists + FLAC); skip (fail under CI) if absent."""
     corpus = shared_data_root() / "speechocean762"
     if not (corpus / "train" / "wav.scp").exists():
-        reason = f"real speech not found at {corpus} (set {DATA_ENV} to the shared data dir)"
+        reason = (
+            f"real speech not found at {corpus} (set {DATA_ENV} to the shared data dir)"
+        )
         if os.environ.get("CI"):
             pytest.fail(f"CI must not skip: {reason}")
         pytest.skip(reason)
@@ -40,8 +42,14 @@ def run_python(code: str, env_extra=None, timeout=300) -> subprocess.CompletedPr
         script = Path(tmp) / "script.py"
         script.write_text(code)
         proc = subprocess.run(
-            [sys.executable, str(script)], capture_output=True, text=True, env=env,
-            timeout=timeout, cwd=tmp,
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            cwd=tmp,
         )
-    assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    assert (
+        proc.returncode == 0
+    ), f"subprocess failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
     return proc

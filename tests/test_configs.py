@@ -7,14 +7,15 @@ The same check ESPnet's CI runs on recipe configs:
 
 import json
 
-
 from conftest import REPO, run_python
 
 
 def training_configs():
-    files = sorted(REPO.glob("conf/**/train*.yaml")) + sorted(
-        REPO.glob("egs2/*/asr1/conf/**/train*.yaml")
-    ) + sorted(REPO.glob("tests/conf/tiny*.yaml"))
+    files = (
+        sorted(REPO.glob("conf/**/train*.yaml"))
+        + sorted(REPO.glob("egs2/*/asr1/conf/**/train*.yaml"))
+        + sorted(REPO.glob("tests/conf/tiny*.yaml"))
+    )
     return [f for f in files if not f.is_symlink() or f.resolve().exists()]
 
 

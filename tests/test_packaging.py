@@ -6,7 +6,6 @@ import sys
 import zipfile
 
 import pytest
-
 from conftest import REPO
 
 EXPECTED = {
@@ -20,15 +19,20 @@ def source_copy(tmp_path_factory):
     dst = tmp_path_factory.mktemp("src")
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(REPO / name, dst / name)
-    shutil.copytree(REPO / "espnet_ext", dst / "espnet_ext",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "espnet_ext",
+        dst / "espnet_ext",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     return dst
 
 
 def _build(src, hook):
     # The PEP 517 hooks pip calls, run without isolation on the installed setuptools.
     code = f"from setuptools import build_meta as b; print(b.{hook}('dist'))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=src, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=src, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     wheel = src / "dist" / proc.stdout.strip().splitlines()[-1]
     with zipfile.ZipFile(wheel) as z:

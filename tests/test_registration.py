@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import run_python
+
 from espnet_ext import registry
 
 CHECK = """
@@ -72,7 +72,10 @@ def test_start_up_hook_is_installed_in_this_environment():
 def test_unknown_name_error_lists_ours_and_suggests():
     import espnet2.tasks.asr as asr
 
-    with pytest.raises(ValueError, match=r"espnet_ext provides --encoder: moe_conformer.*Did you mean: moe_conformer"):
+    with pytest.raises(
+        ValueError,
+        match=r"espnet_ext provides --encoder: moe_conformer.*Did you mean: moe_conformer",
+    ):
         asr.encoder_choices.get_class("moe_conformr")
 
 
@@ -83,10 +86,19 @@ def test_table_is_valid():
 @pytest.mark.parametrize(
     "entry, message",
     [
-        (registry.Entry("espnet2.tasks.asr", "encoder_choices", "MoE", "a:B"), "lower case"),
-        (registry.Entry("espnet2.tasks.asr", "encoder_choices", "none", "a:B"), "reserved"),
+        (
+            registry.Entry("espnet2.tasks.asr", "encoder_choices", "MoE", "a:B"),
+            "lower case",
+        ),
+        (
+            registry.Entry("espnet2.tasks.asr", "encoder_choices", "none", "a:B"),
+            "reserved",
+        ),
         (registry.Entry("espnet2.tasks.asr", "encoder", "x", "a:B"), "_choices"),
-        (registry.Entry("espnet2.tasks.asr", "encoder_choices", "x", "a.B"), "module:Class"),
+        (
+            registry.Entry("espnet2.tasks.asr", "encoder_choices", "x", "a.B"),
+            "module:Class",
+        ),
     ],
 )
 def test_table_validation_rejects_bad_rows(entry, message):

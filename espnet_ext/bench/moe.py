@@ -71,10 +71,12 @@ def _default_sorted(device: str) -> str:
     return f"sorted[{default_layout(device)}]"
 
 
-def _dispatch_fn(moe: MoEFeedForward, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def _dispatch_fn(
+    moe: MoEFeedForward, name: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``moe`` as a function of (N, D) tokens, dispatching with the candidate ``name``."""
     if name.startswith("sorted["):
-        layout = name[len("sorted["):-1]
+        layout = name[len("sorted[") : -1]
 
         def run(x):
             _, weights, indices = moe.route(x)
@@ -94,8 +96,12 @@ def _mixtral_block(device: str):
         return None
     # Mixtral experts are SwiGLU (three D x F' matrices, ours two D x F): F' = 2F/3 gives
     # the same parameters and FLOPs per expert, so the ratios compare dispatch, not size.
-    cfg = MixtralConfig(hidden_size=D, intermediate_size=round(2 * F / 3), num_local_experts=E,
-                        num_experts_per_tok=K)
+    cfg = MixtralConfig(
+        hidden_size=D,
+        intermediate_size=round(2 * F / 3),
+        num_local_experts=E,
+        num_experts_per_tok=K,
+    )
     if hasattr(cfg, "_experts_implementation"):
         # transformers >= 5 dispatches experts through a registry; a standalone block
         # has no model to set it, so name the default eager loop explicitly.
@@ -115,7 +121,9 @@ def _mixtral_block(device: str):
     return run
 
 
-def _time_round_robin(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+def _time_round_robin(
+    fns: Dict[str, Callable[[], object]], repeats: int
+) -> Dict[str, float]:
     """Median seconds per call; candidates interleaved so drift hits all alike.
 
     The order rotates every round: whoever runs right after the dense FFN finds the
@@ -127,7 +135,7 @@ def _time_round_robin(fns: Dict[str, Callable[[], object]], repeats: int) -> Dic
     names = list(fns)
     samples: Dict[str, List[float]] = {k: [] for k in fns}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             fn = fns[name]
             start = time.perf_counter()
             fn()
@@ -156,15 +164,21 @@ def _check_same_outputs(cands: Dict[str, Callable], x: torch.Tensor) -> None:
     ref = outs["reference"]
     for k, out in outs.items():
         if not torch.allclose(out, ref, rtol=1e-4, atol=1e-5):
-            raise RuntimeError(f"bench candidate {k!r} differs from 'reference' by "
-                               f"{(out - ref).abs().max().item():.3g}")
+            raise RuntimeError(
+                f"bench candidate {k!r} differs from 'reference' by "
+                f"{(out - ref).abs().max().item():.3g}"
+            )
 
 
 def layer_bench(device: str, repeats: int) -> List[dict]:
     torch.manual_seed(0)
     # Experts and the dense FFN share one activation kernel (SiLU, see
     # expert_activation), so the ratios measure the MoE, not the activation.
-    dense = PositionwiseFeedForward(D, K * F, 0.0, expert_activation("swish")).to(device).eval()
+    dense = (
+        PositionwiseFeedForward(D, K * F, 0.0, expert_activation("swish"))
+        .to(device)
+        .eval()
+    )
     base = MoEFeedForward(D, F, E, K, 0.0, expert_activation("swish"), impl="sorted")
     # Each candidate owns its weights: sharing them would hand the second user a warm
     # cache (16 MB of experts) and skew the ratios.
@@ -177,12 +191,17 @@ def layer_bench(device: str, repeats: int) -> List[dict]:
     rows = []
     for n in (16, 256, 2000):
         x = torch.randn(n, D, device=device)
-        cands = {"dense(k*f)": dense, **{k: _dispatch_fn(m, k) for k, m in moes.items()},
-                 "wenet_loop": wenet}
+        cands = {
+            "dense(k*f)": dense,
+            **{k: _dispatch_fn(m, k) for k, m in moes.items()},
+            "wenet_loop": wenet,
+        }
         if mixtral is not None:
             cands["hf_mixtral"] = mixtral
         with torch.inference_mode():
-            _check_same_outputs({k: cands[k] for k in (*MOE_CANDIDATES, "wenet_loop")}, x)
+            _check_same_outputs(
+                {k: cands[k] for k in (*MOE_CANDIDATES, "wenet_loop")}, x
+            )
             fns = {k: (lambda f=f: f(x)) for k, f in cands.items()}
             fns["floor"] = _floor(floor_moe, x)
             t = _time_round_robin(fns, repeats)
@@ -193,8 +212,13 @@ def layer_bench(device: str, repeats: int) -> List[dict]:
                 f = cands[k]
                 xg = x.clone().requires_grad_(True)
                 train[k] = lambda f=f, xg=xg: f(xg).sum().backward()
-            rows.append({"mode": "training", "tokens": n,
-                         **_time_round_robin(train, max(repeats // 2, 5))})
+            rows.append(
+                {
+                    "mode": "training",
+                    "tokens": n,
+                    **_time_round_robin(train, max(repeats // 2, 5)),
+                }
+            )
     return rows
 
 
@@ -203,10 +227,18 @@ def _encoders(num_blocks: int):
 
     from espnet_ext.encoders.moe_conformer import MoEConformerEncoder
 
-    common = dict(input_size=80, output_size=D, attention_heads=4, linear_units=F,
-                  num_blocks=num_blocks, macaron_style=True, cnn_module_kernel=15,
-                  rel_pos_type="latest", pos_enc_layer_type="rel_pos",
-                  selfattention_layer_type="rel_selfattn")
+    common = dict(
+        input_size=80,
+        output_size=D,
+        attention_heads=4,
+        linear_units=F,
+        num_blocks=num_blocks,
+        macaron_style=True,
+        cnn_module_kernel=15,
+        rel_pos_type="latest",
+        pos_enc_layer_type="rel_pos",
+        selfattention_layer_type="rel_selfattn",
+    )
     torch.manual_seed(0)
     dense = ConformerEncoder(**common)
     # Our experts compute swish with SiLU's single kernel; give the dense FFNs the same
@@ -214,8 +246,10 @@ def _encoders(num_blocks: int):
     for layer in dense.encoders:
         for ffn in (layer.feed_forward, layer.feed_forward_macaron):
             ffn.activation = expert_activation("swish")
-    return {"dense": dense,
-            "moe": MoEConformerEncoder(**common, num_experts=E, top_k=K, moe_impl="sorted")}
+    return {
+        "dense": dense,
+        "moe": MoEConformerEncoder(**common, num_experts=E, top_k=K, moe_impl="sorted"),
+    }
 
 
 def _real_features(corpus: Path, n_utts: int):
@@ -224,7 +258,9 @@ def _real_features(corpus: Path, n_utts: int):
     from espnet2.asr.frontend.default import DefaultFrontend
 
     lines = (corpus / "dev" / "wav.scp").read_text().splitlines()[:n_utts]
-    waves = [torch.tensor(sf.read(corpus / l.split()[1], dtype="float32")[0]) for l in lines]
+    waves = [
+        torch.tensor(sf.read(corpus / l.split()[1], dtype="float32")[0]) for l in lines
+    ]
     lens = torch.tensor([len(w) for w in waves])
     pad = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
     with torch.inference_mode():
@@ -265,7 +301,9 @@ def _peak_rss_child(kind: str, num_blocks: int, feats_file: str) -> None:
     print(json.dumps(max(peak, _rss_mb()) - base))
 
 
-def encoder_bench(device: str, corpus: Path, n_utts: int, num_blocks: int, repeats: int) -> dict:
+def encoder_bench(
+    device: str, corpus: Path, n_utts: int, num_blocks: int, repeats: int
+) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     feats, flens, seconds = _real_features(corpus, n_utts)
@@ -273,8 +311,9 @@ def encoder_bench(device: str, corpus: Path, n_utts: int, num_blocks: int, repea
     encs = {k: v.to(device).eval() for k, v in _encoders(num_blocks).items()}
     out = {"audio_seconds": seconds, "utterances": n_utts, "num_blocks": num_blocks}
     with torch.inference_mode():
-        t = _time_round_robin({k: (lambda e=e: e(feats, flens)) for k, e in encs.items()},
-                              repeats)
+        t = _time_round_robin(
+            {k: (lambda e=e: e(feats, flens)) for k, e in encs.items()}, repeats
+        )
         for k, e in encs.items():
             with FlopCounterMode(display=False) as fc:
                 e(feats, flens)
@@ -290,16 +329,29 @@ def encoder_bench(device: str, corpus: Path, n_utts: int, num_blocks: int, repea
             with torch.inference_mode():
                 e(feats, flens)
             param_bytes = sum(p.numel() * p.element_size() for p in e.parameters())
-            out[f"{k}_peak_mb"] = (torch.cuda.max_memory_allocated() - resident
-                                   + param_bytes) / 2**20
+            out[f"{k}_peak_mb"] = (
+                torch.cuda.max_memory_allocated() - resident + param_bytes
+            ) / 2**20
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 feats_file = f"{tmp}/feats.pt"
                 torch.save((feats, flens), feats_file)
                 proc = subprocess.run(
-                    [sys.executable, "-m", "espnet_ext.bench.moe", "--_peak_rss", k,
-                     "--num_blocks", str(num_blocks), "--_feats", feats_file],
-                    capture_output=True, text=True, check=True)
+                    [
+                        sys.executable,
+                        "-m",
+                        "espnet_ext.bench.moe",
+                        "--_peak_rss",
+                        k,
+                        "--num_blocks",
+                        str(num_blocks),
+                        "--_feats",
+                        feats_file,
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
             out[f"{k}_peak_mb"] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 
@@ -313,50 +365,85 @@ def render(device: str, threads: int, layer_rows: List[dict], enc: dict) -> str:
         versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     except ImportError:
         versions = f"torch {torch.__version__}, no transformers"
-    lines = [f"# MoE benchmark ({device}, {threads} threads, {versions})", "",
-             f"## Layer: d={D}, f={F}, E={E}, top-{K}; time / dense FFN with hidden k*f={K * F}",
-             "", f"`moe_impl: sorted` runs `{ours}` on {device}. `floor`: the experts alone on "
-             "pre-sorted rows (no routing, gather or sum), the bound for any dispatch. "
-             "Experts and dense FFN use the same SiLU kernel.", "",
-             "| mode | tokens | " + " | ".join(cols) + " | dense ms |",
-             "|---|---|" + "---|" * len(cols) + "---|"]
+    lines = [
+        f"# MoE benchmark ({device}, {threads} threads, {versions})",
+        "",
+        f"## Layer: d={D}, f={F}, E={E}, top-{K}; time / dense FFN with hidden k*f={K * F}",
+        "",
+        f"`moe_impl: sorted` runs `{ours}` on {device}. `floor`: the experts alone on "
+        "pre-sorted rows (no routing, gather or sum), the bound for any dispatch. "
+        "Experts and dense FFN use the same SiLU kernel.",
+        "",
+        "| mode | tokens | " + " | ".join(cols) + " | dense ms |",
+        "|---|---|" + "---|" * len(cols) + "---|",
+    ]
     for r in layer_rows:
         d = r["dense(k*f)"]
         cell = lambda k: f"{r[k] / d:.2f}" if k in r else "n/a"  # noqa: E731
-        lines.append(f"| {r['mode']} | {r['tokens']} | " + " | ".join(cell(c) for c in cols)
-                     + f" | {d * 1e3:.2f} |")
+        lines.append(
+            f"| {r['mode']} | {r['tokens']} | "
+            + " | ".join(cell(c) for c in cols)
+            + f" | {d * 1e3:.2f} |"
+        )
 
     def speedups(r):
-        out = [f"x{r[base] / r[ours]:.2f} vs {base}" for base in ("wenet_loop", "hf_mixtral")
-               if base in r]
+        out = [
+            f"x{r[base] / r[ours]:.2f} vs {base}"
+            for base in ("wenet_loop", "hf_mixtral")
+            if base in r
+        ]
         if "floor" in r:
-            out.append(f"best possible vs wenet_loop x{r['wenet_loop'] / r['floor']:.2f}")
+            out.append(
+                f"best possible vs wenet_loop x{r['wenet_loop'] / r['floor']:.2f}"
+            )
         return f"{r['mode']}@{r['tokens']}: " + ", ".join(out)
 
-    lines += ["", f"Speed-up of `sorted` ({ours}) over the loops (same rows): "
-              + "; ".join(speedups(r) for r in layer_rows)]
+    lines += [
+        "",
+        f"Speed-up of `sorted` ({ours}) over the loops (same rows): "
+        + "; ".join(speedups(r) for r in layer_rows),
+    ]
     if enc:
-        lines += ["", f"## Encoder: {enc['num_blocks']}-block conformer, d={D}, f={F}, "
-                  f"{enc['utterances']} real utterances ({enc['audio_seconds']:.1f} s) in one batch",
-                  "", "| encoder | params (M) | RTF | peak MB | GFLOPs |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Encoder: {enc['num_blocks']}-block conformer, d={D}, f={F}, "
+            f"{enc['utterances']} real utterances ({enc['audio_seconds']:.1f} s) in one batch",
+            "",
+            "| encoder | params (M) | RTF | peak MB | GFLOPs |",
+            "|---|---|---|---|---|",
+        ]
         for k in ("dense", "moe"):
-            lines.append(f"| {k} | {enc[f'{k}_params'] / 1e6:.2f} | {enc[f'{k}_rtf']:.4f} "
-                         f"| {enc[f'{k}_peak_mb']:.0f} | {enc[f'{k}_flops'] / 1e9:.2f} |")
-        lines += ["", f"MoE / dense: params x{enc['moe_params'] / enc['dense_params']:.2f}, "
-                  f"RTF x{enc['moe_rtf'] / enc['dense_rtf']:.2f}, active FLOPs "
-                  f"x{enc['moe_flops'] / enc['dense_flops']:.2f}, peak memory "
-                  f"x{enc['moe_peak_mb'] / max(enc['dense_peak_mb'], 1e-9):.2f}"]
+            lines.append(
+                f"| {k} | {enc[f'{k}_params'] / 1e6:.2f} | {enc[f'{k}_rtf']:.4f} "
+                f"| {enc[f'{k}_peak_mb']:.0f} | {enc[f'{k}_flops'] / 1e9:.2f} |"
+            )
+        lines += [
+            "",
+            f"MoE / dense: params x{enc['moe_params'] / enc['dense_params']:.2f}, "
+            f"RTF x{enc['moe_rtf'] / enc['dense_rtf']:.2f}, active FLOPs "
+            f"x{enc['moe_flops'] / enc['dense_flops']:.2f}, peak memory "
+            f"x{enc['moe_peak_mb'] / max(enc['dense_peak_mb'], 1e-9):.2f}",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--corpus", type=Path, default=Path(os.environ.get(
-        "ESPNET_EXT_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
-        / "speechocean762")
+    p.add_argument(
+        "--corpus",
+        type=Path,
+        default=Path(
+            os.environ.get(
+                "ESPNET_EXT_SHARED_DATA",
+                Path(__file__).resolve().parents[2].parent / "shared" / "data",
+            )
+        )
+        / "speechocean762",
+    )
     p.add_argument("--utterances", type=int, default=16)
     p.add_argument("--num_blocks", type=int, default=12)
     p.add_argument("--skip_encoder", action="store_true")
@@ -375,10 +462,17 @@ def main(argv=None) -> None:
         enc = {}
         if not args.skip_encoder:
             if not (args.corpus / "dev" / "wav.scp").exists():
-                sys.exit(f"real speech not found at {args.corpus}; pass --corpus or --skip_encoder")
+                sys.exit(
+                    f"real speech not found at {args.corpus}; pass --corpus or --skip_encoder"
+                )
             print(f"[bench moe] encoder RTF on {device} ...", flush=True)
-            enc = encoder_bench(device, args.corpus, args.utterances, args.num_blocks,
-                                max(args.repeats // 6, 3))
+            enc = encoder_bench(
+                device,
+                args.corpus,
+                args.utterances,
+                args.num_blocks,
+                max(args.repeats // 6, 3),
+            )
         report += render(device, args.threads, rows, enc) + "\n"
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)

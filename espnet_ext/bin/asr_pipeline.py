@@ -63,7 +63,9 @@ def read_kaldi(path: Path) -> Dict[str, str]:
 
 
 def _write_kaldi(path: Path, table: Dict[str, str]) -> None:
-    path.write_text("".join(f"{k} {table[k]}\n" for k in sorted(table)), encoding="utf-8")
+    path.write_text(
+        "".join(f"{k} {table[k]}\n" for k in sorted(table)), encoding="utf-8"
+    )
 
 
 def prepare_data_dir(src: Path, dst: Path, max_utts: Optional[int] = None) -> int:
@@ -88,20 +90,26 @@ def prepare_data_dir(src: Path, dst: Path, max_utts: Optional[int] = None) -> in
                     p = (base / p).resolve()
                     break
             else:
-                raise FileNotFoundError(f"{src}/wav.scp: audio for {k} not found: {wav[k]}")
+                raise FileNotFoundError(
+                    f"{src}/wav.scp: audio for {k} not found: {wav[k]}"
+                )
         abs_wav[k] = str(p)
     _write_kaldi(dst / "wav.scp", abs_wav)
     _write_kaldi(dst / "text", {k: text[k] for k in keys})
     utt2spk_path = src / "utt2spk"
-    utt2spk = read_kaldi(utt2spk_path) if utt2spk_path.exists() else {k: k for k in keys}
+    utt2spk = (
+        read_kaldi(utt2spk_path) if utt2spk_path.exists() else {k: k for k in keys}
+    )
     _write_kaldi(dst / "utt2spk", {k: utt2spk[k] for k in keys})
     return len(keys)
 
 
 def _data_args(prefix: str, data_dir: Path) -> List[str]:
     return [
-        f"--{prefix}_data_path_and_name_and_type", f"{data_dir}/wav.scp,speech,sound",
-        f"--{prefix}_data_path_and_name_and_type", f"{data_dir}/text,text,text",
+        f"--{prefix}_data_path_and_name_and_type",
+        f"{data_dir}/wav.scp,speech,sound",
+        f"--{prefix}_data_path_and_name_and_type",
+        f"{data_dir}/text,text,text",
     ]
 
 
@@ -120,7 +128,9 @@ def word_error_counts(ref: Dict[str, str], hyp: Dict[str, str], unit: str):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--train_dir", type=Path, required=True)
     p.add_argument("--valid_dir", type=Path, required=True)
     p.add_argument("--test_dirs", type=Path, nargs="+", default=[])
@@ -128,24 +138,43 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     p.add_argument("--inference_config", type=Path, default=None)
     p.add_argument("--exp_dir", type=Path, required=True)
     p.add_argument("--token_type", choices=("char",), default="char")
-    p.add_argument("--max_train_utts", type=int, default=None, help="keep the first N (smoke runs)")
+    p.add_argument(
+        "--max_train_utts", type=int, default=None, help="keep the first N (smoke runs)"
+    )
     p.add_argument("--max_eval_utts", type=int, default=None)
     p.add_argument("--ngpu", type=int, default=0)
     p.add_argument("--fs", default="16k")
-    p.add_argument("--inference_model", default="valid.acc.ave.pth",
-                   help="checkpoint in the training dir used for decoding and packing")
+    p.add_argument(
+        "--inference_model",
+        default="valid.acc.ave.pth",
+        help="checkpoint in the training dir used for decoding and packing",
+    )
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
-    p.add_argument("--train_args", default="", help="extra asr_train arguments, e.g. '--max_epoch 1'")
+    p.add_argument(
+        "--train_args",
+        default="",
+        help="extra asr_train arguments, e.g. '--max_epoch 1'",
+    )
     p.add_argument("--python", default=sys.executable)
-    p.add_argument("--rtf_utts", type=int, default=50, help="utterances timed by the report stage")
-    p.add_argument("--rtf_threads", type=int, default=1,
-                   help="torch threads while timing decoding (asr.sh decodes with 1 per job)")
+    p.add_argument(
+        "--rtf_utts", type=int, default=50, help="utterances timed by the report stage"
+    )
+    p.add_argument(
+        "--rtf_threads",
+        type=int,
+        default=1,
+        help="torch threads while timing decoding (asr.sh decodes with 1 per job)",
+    )
     args = p.parse_args(argv)
 
     exp = args.exp_dir
     data = exp / "data"
     # Sets keep their directory names (train, dev, test...), as under asr.sh's dump/raw/.
-    names = [args.train_dir.name, args.valid_dir.name, *(d.name for d in args.test_dirs)]
+    names = [
+        args.train_dir.name,
+        args.valid_dir.name,
+        *(d.name for d in args.test_dirs),
+    ]
     if len(set(names)) != len(names):
         p.error(f"data dirs must have distinct names, got {names}")
     train_set, valid_set = data / args.train_dir.name, data / args.valid_dir.name
@@ -155,9 +184,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     asr_dir = exp / "asr_train"
     py = [args.python, "-m"]
     common = [
-        "--use_preprocessor", "true", "--bpemodel", "none",
-        "--token_type", args.token_type, "--token_list", str(token_list),
-        "--non_linguistic_symbols", "none", "--cleaner", "none", "--g2p", "none",
+        "--use_preprocessor",
+        "true",
+        "--bpemodel",
+        "none",
+        "--token_type",
+        args.token_type,
+        "--token_list",
+        str(token_list),
+        "--non_linguistic_symbols",
+        "none",
+        "--cleaner",
+        "none",
+        "--g2p",
+        "none",
     ]
     results: Dict[str, Dict[str, float]] = {}
 
@@ -171,60 +211,158 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     if "tokens" in args.stages:
         texts = exp / "token_list" / "train_text"
         texts.parent.mkdir(parents=True, exist_ok=True)
-        texts.write_text("".join(v + "\n" for v in read_kaldi(train_set / "text").values()))
-        _run(py + ["espnet2.bin.tokenize_text", "--token_type", args.token_type,
-                   "--input", str(texts), "--output", str(token_list),
-                   "--field", "1-", "--cleaner", "none", "--g2p", "none",
-                   "--write_vocabulary", "true",
-                   "--add_symbol", "<blank>:0", "--add_symbol", "<unk>:1",
-                   "--add_symbol", "<sos/eos>:-1"], exp / "logs" / "tokens.log")
+        texts.write_text(
+            "".join(v + "\n" for v in read_kaldi(train_set / "text").values())
+        )
+        _run(
+            py
+            + [
+                "espnet2.bin.tokenize_text",
+                "--token_type",
+                args.token_type,
+                "--input",
+                str(texts),
+                "--output",
+                str(token_list),
+                "--field",
+                "1-",
+                "--cleaner",
+                "none",
+                "--g2p",
+                "none",
+                "--write_vocabulary",
+                "true",
+                "--add_symbol",
+                "<blank>:0",
+                "--add_symbol",
+                "<unk>:1",
+                "--add_symbol",
+                "<sos/eos>:-1",
+            ],
+            exp / "logs" / "tokens.log",
+        )
 
     if "stats" in args.stages:
         logdir = stats_dir / "logdir"
-        _run(py + ["espnet2.bin.asr_train", "--collect_stats", "true", *common,
-                   *_data_args("train", train_set), *_data_args("valid", valid_set),
-                   "--train_shape_file", f"{train_set}/wav.scp",
-                   "--valid_shape_file", f"{valid_set}/wav.scp",
-                   "--output_dir", f"{logdir}/stats.1", "--config", str(args.asr_config),
-                   "--frontend_conf", f"fs={args.fs}"], logdir / "stats.1.log")
-        _run(py + ["espnet2.bin.aggregate_stats_dirs", "--input_dir", f"{logdir}/stats.1",
-                   "--output_dir", str(stats_dir)], logdir / "aggregate.log")
+        _run(
+            py
+            + [
+                "espnet2.bin.asr_train",
+                "--collect_stats",
+                "true",
+                *common,
+                *_data_args("train", train_set),
+                *_data_args("valid", valid_set),
+                "--train_shape_file",
+                f"{train_set}/wav.scp",
+                "--valid_shape_file",
+                f"{valid_set}/wav.scp",
+                "--output_dir",
+                f"{logdir}/stats.1",
+                "--config",
+                str(args.asr_config),
+                "--frontend_conf",
+                f"fs={args.fs}",
+            ],
+            logdir / "stats.1.log",
+        )
+        _run(
+            py
+            + [
+                "espnet2.bin.aggregate_stats_dirs",
+                "--input_dir",
+                f"{logdir}/stats.1",
+                "--output_dir",
+                str(stats_dir),
+            ],
+            logdir / "aggregate.log",
+        )
         # asr.sh appends the vocabulary size to each text shape ("len" -> "len,V").
         vocab = len(token_list.read_text(encoding="utf-8").splitlines())
         for split in ("train", "valid"):
             shapes = (stats_dir / split / "text_shape").read_text().splitlines()
             (stats_dir / split / f"text_shape.{args.token_type}").write_text(
-                "".join(f"{line},{vocab}\n" for line in shapes if line.strip()))
+                "".join(f"{line},{vocab}\n" for line in shapes if line.strip())
+            )
 
     if "train" in args.stages:
-        _run(py + ["espnet2.bin.asr_train", *common,
-                   *_data_args("train", train_set), *_data_args("valid", valid_set),
-                   "--train_shape_file", f"{stats_dir}/train/speech_shape",
-                   "--train_shape_file", f"{stats_dir}/train/text_shape.{args.token_type}",
-                   "--valid_shape_file", f"{stats_dir}/valid/speech_shape",
-                   "--valid_shape_file", f"{stats_dir}/valid/text_shape.{args.token_type}",
-                   "--resume", "true", "--fold_length", "80000", "--fold_length", "150",
-                   "--output_dir", str(asr_dir), "--config", str(args.asr_config),
-                   "--frontend_conf", f"fs={args.fs}", "--normalize", "global_mvn",
-                   "--normalize_conf", f"stats_file={stats_dir}/train/feats_stats.npz",
-                   "--ngpu", str(args.ngpu), *args.train_args.split()],
-             asr_dir / "train.log")
+        _run(
+            py
+            + [
+                "espnet2.bin.asr_train",
+                *common,
+                *_data_args("train", train_set),
+                *_data_args("valid", valid_set),
+                "--train_shape_file",
+                f"{stats_dir}/train/speech_shape",
+                "--train_shape_file",
+                f"{stats_dir}/train/text_shape.{args.token_type}",
+                "--valid_shape_file",
+                f"{stats_dir}/valid/speech_shape",
+                "--valid_shape_file",
+                f"{stats_dir}/valid/text_shape.{args.token_type}",
+                "--resume",
+                "true",
+                "--fold_length",
+                "80000",
+                "--fold_length",
+                "150",
+                "--output_dir",
+                str(asr_dir),
+                "--config",
+                str(args.asr_config),
+                "--frontend_conf",
+                f"fs={args.fs}",
+                "--normalize",
+                "global_mvn",
+                "--normalize_conf",
+                f"stats_file={stats_dir}/train/feats_stats.npz",
+                "--ngpu",
+                str(args.ngpu),
+                *args.train_args.split(),
+            ],
+            asr_dir / "train.log",
+        )
 
     model_file = asr_dir / args.inference_model
-    if not model_file.exists() and (asr_dir / "latest.pth").exists() and args.inference_model == "valid.acc.ave.pth":
+    if (
+        not model_file.exists()
+        and (asr_dir / "latest.pth").exists()
+        and args.inference_model == "valid.acc.ave.pth"
+    ):
         model_file = asr_dir / "latest.pth"  # a 1-epoch run may have no averaged model
     decode_root = asr_dir / f"decode_{model_file.stem}"
 
     if "decode" in args.stages:
         for name in [valid_set.name, *tests]:
             out = decode_root / name
-            extra = ["--config", str(args.inference_config)] if args.inference_config else []
-            _run(py + ["espnet2.bin.asr_inference", "--batch_size", "1", "--ngpu", str(args.ngpu),
-                       "--data_path_and_name_and_type", f"{data / name}/wav.scp,speech,sound",
-                       "--key_file", f"{data / name}/wav.scp",
-                       "--asr_train_config", f"{asr_dir}/config.yaml",
-                       "--asr_model_file", str(model_file), "--output_dir", str(out), *extra],
-                 out / "decode.log")
+            extra = (
+                ["--config", str(args.inference_config)]
+                if args.inference_config
+                else []
+            )
+            _run(
+                py
+                + [
+                    "espnet2.bin.asr_inference",
+                    "--batch_size",
+                    "1",
+                    "--ngpu",
+                    str(args.ngpu),
+                    "--data_path_and_name_and_type",
+                    f"{data / name}/wav.scp,speech,sound",
+                    "--key_file",
+                    f"{data / name}/wav.scp",
+                    "--asr_train_config",
+                    f"{asr_dir}/config.yaml",
+                    "--asr_model_file",
+                    str(model_file),
+                    "--output_dir",
+                    str(out),
+                    *extra,
+                ],
+                out / "decode.log",
+            )
 
     if "score" in args.stages:
         for name in [valid_set.name, *tests]:
@@ -235,7 +373,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
                 err, n = word_error_counts(ref, hyp, unit)
                 res["wer" if unit == "word" else "cer"] = 100.0 * err / max(n, 1)
             results[name] = res
-            _log(f"{name}: WER {res['wer']:.1f}%  CER {res['cer']:.1f}%  ({len(ref)} utts)")
+            _log(
+                f"{name}: WER {res['wer']:.1f}%  CER {res['cer']:.1f}%  ({len(ref)} utts)"
+            )
         (decode_root / "scores.json").write_text(json.dumps(results, indent=2))
 
     if "report" in args.stages:
@@ -244,27 +384,64 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
         # wall time would mostly measure Python start-up on sets this small.
         rtf_set = data / (next(iter(tests)) if tests else valid_set.name)
         report_json = decode_root / "report.json"
-        extra = ["--inference_config", str(args.inference_config)] if args.inference_config else []
+        extra = (
+            ["--inference_config", str(args.inference_config)]
+            if args.inference_config
+            else []
+        )
         ckpt = asr_dir / "checkpoint.pth"  # ESPnet's resume file: per-epoch timings
         ckpt = ["--train_checkpoint", str(ckpt)] if ckpt.exists() else []
-        _run(py + ["espnet_ext.bin.measure_asr", "--asr_train_config", f"{asr_dir}/config.yaml",
-                   "--asr_model_file", str(model_file), "--data_dir", str(rtf_set),
-                   "--max_utts", str(args.rtf_utts), "--nthreads", str(args.rtf_threads),
-                   "--output", str(report_json), *extra, *ckpt], exp / "logs" / "report.log")
+        _run(
+            py
+            + [
+                "espnet_ext.bin.measure_asr",
+                "--asr_train_config",
+                f"{asr_dir}/config.yaml",
+                "--asr_model_file",
+                str(model_file),
+                "--data_dir",
+                str(rtf_set),
+                "--max_utts",
+                str(args.rtf_utts),
+                "--nthreads",
+                str(args.rtf_threads),
+                "--output",
+                str(report_json),
+                *extra,
+                *ckpt,
+            ],
+            exp / "logs" / "report.log",
+        )
         report = json.loads(report_json.read_text())
         scores_file = decode_root / "scores.json"
-        report["sets"] = json.loads(scores_file.read_text()) if scores_file.exists() else {}
+        report["sets"] = (
+            json.loads(scores_file.read_text()) if scores_file.exists() else {}
+        )
         report["asr_config"] = str(args.asr_config)
         (exp / "results.json").write_text(json.dumps(report, indent=2))
-        _log(f"report: {report['params'] / 1e6:.2f}M params ({report['encoder_params'] / 1e6:.2f}M "
-             f"encoder), {report['checkpoint_mb']:.1f} MB, decoding RTF {report['rtf']:.3f} -> "
-             f"{exp / 'results.json'}")
+        _log(
+            f"report: {report['params'] / 1e6:.2f}M params ({report['encoder_params'] / 1e6:.2f}M "
+            f"encoder), {report['checkpoint_mb']:.1f} MB, decoding RTF {report['rtf']:.3f} -> "
+            f"{exp / 'results.json'}"
+        )
 
     if "pack" in args.stages:
-        _run(py + ["espnet2.bin.pack", "asr", "--asr_train_config", f"{asr_dir}/config.yaml",
-                   "--asr_model_file", str(model_file),
-                   "--option", f"{stats_dir}/train/feats_stats.npz",
-                   "--outpath", str(exp / "asr_model.zip")], exp / "logs" / "pack.log")
+        _run(
+            py
+            + [
+                "espnet2.bin.pack",
+                "asr",
+                "--asr_train_config",
+                f"{asr_dir}/config.yaml",
+                "--asr_model_file",
+                str(model_file),
+                "--option",
+                f"{stats_dir}/train/feats_stats.npz",
+                "--outpath",
+                str(exp / "asr_model.zip"),
+            ],
+            exp / "logs" / "pack.log",
+        )
     return results
 
 

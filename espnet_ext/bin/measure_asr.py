@@ -32,14 +32,23 @@ def training_time(checkpoint: Path) -> Dict[str, float]:
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["reporter"]
     # stats: {epoch: {"train" | "valid" | "att_plot": {"time": timedelta, ...}}}
-    seconds = sum(phase["time"].total_seconds() for epoch in state["stats"].values()
-                  for phase in epoch.values() if "time" in phase)
+    seconds = sum(
+        phase["time"].total_seconds()
+        for epoch in state["stats"].values()
+        for phase in epoch.values()
+        if "time" in phase
+    )
     return {"train_seconds": seconds, "epochs": len(state["stats"])}
 
 
-def measure(asr_train_config: Path, asr_model_file: Path, data_dir: Path,
-            inference_config: Optional[Path] = None, max_utts: int = 50,
-            nthreads: int = 1) -> Dict[str, float]:
+def measure(
+    asr_train_config: Path,
+    asr_model_file: Path,
+    data_dir: Path,
+    inference_config: Optional[Path] = None,
+    max_utts: int = 50,
+    nthreads: int = 1,
+) -> Dict[str, float]:
     import soundfile
     import torch
     import yaml
@@ -48,13 +57,19 @@ def measure(asr_train_config: Path, asr_model_file: Path, data_dir: Path,
     torch.set_num_threads(nthreads)
     opts = yaml.safe_load(inference_config.read_text()) if inference_config else {}
     opts = {k: v for k, v in (opts or {}).items() if k not in ("batch_size",)}
-    s2t = Speech2Text(asr_train_config=str(asr_train_config),
-                      asr_model_file=str(asr_model_file), device="cpu", **opts)
+    s2t = Speech2Text(
+        asr_train_config=str(asr_train_config),
+        asr_model_file=str(asr_model_file),
+        device="cpu",
+        **opts,
+    )
     model = s2t.asr_model
     wavs = list(read_kaldi(data_dir / "wav.scp").items())[:max_utts]
     if not wavs:
         raise ValueError(f"{data_dir}/wav.scp lists no utterances")
-    reads = [soundfile.read(path, dtype="float32") for _, path in wavs]  # (samples, rate)
+    reads = [
+        soundfile.read(path, dtype="float32") for _, path in wavs
+    ]  # (samples, rate)
     audio = [samples for samples, _ in reads]
     s2t(torch.from_numpy(audio[0]))  # warm-up: first-call allocations and lazy init
     start = time.perf_counter()
@@ -74,19 +89,33 @@ def measure(asr_train_config: Path, asr_model_file: Path, data_dir: Path,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--asr_train_config", type=Path, required=True)
     p.add_argument("--asr_model_file", type=Path, required=True)
     p.add_argument("--inference_config", type=Path, default=None)
-    p.add_argument("--data_dir", type=Path, required=True, help="Kaldi dir with wav.scp")
+    p.add_argument(
+        "--data_dir", type=Path, required=True, help="Kaldi dir with wav.scp"
+    )
     p.add_argument("--max_utts", type=int, default=50)
     p.add_argument("--nthreads", type=int, default=1)
-    p.add_argument("--train_checkpoint", type=Path, default=None,
-                   help="ESPnet's checkpoint.pth: adds train_seconds and epochs")
+    p.add_argument(
+        "--train_checkpoint",
+        type=Path,
+        default=None,
+        help="ESPnet's checkpoint.pth: adds train_seconds and epochs",
+    )
     p.add_argument("--output", type=Path, default=None, help="write the JSON here too")
     args = p.parse_args(argv)
-    result = measure(args.asr_train_config, args.asr_model_file, args.data_dir,
-                     args.inference_config, args.max_utts, args.nthreads)
+    result = measure(
+        args.asr_train_config,
+        args.asr_model_file,
+        args.data_dir,
+        args.inference_config,
+        args.max_utts,
+        args.nthreads,
+    )
     if args.train_checkpoint is not None:
         result.update(training_time(args.train_checkpoint))
     text = json.dumps(result, indent=2)

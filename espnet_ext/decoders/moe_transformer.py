@@ -12,7 +12,7 @@ import torch
 from espnet2.asr.decoder.transformer_decoder import TransformerDecoder
 from typeguard import typechecked
 
-from espnet_ext.layers.aux import clear_aux
+from espnet_ext.layers.aux_loss import clear_aux
 from espnet_ext.layers.moe import install_moe_ffns, moe_ffn_factory
 
 __all__ = ["MoETransformerDecoder"]
@@ -93,7 +93,9 @@ class MoETransformerDecoder(TransformerDecoder):
             moe_z_weight=moe_z_weight,
             aux_prefix="dec_",
         )
-        install_moe_ffns(self.decoders, make_moe, dense_block_idx, _token_mask, ("feed_forward",))
+        install_moe_ffns(
+            self.decoders, make_moe, dense_block_idx, _token_mask, ("feed_forward",)
+        )
 
     def forward(
         self,
@@ -106,7 +108,12 @@ class MoETransformerDecoder(TransformerDecoder):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         clear_aux(self, owner="decoder 'moe_transformer'")
         return super().forward(
-            hs_pad, hlens, ys_in_pad, ys_in_lens, return_hs=return_hs, return_all_hs=return_all_hs
+            hs_pad,
+            hlens,
+            ys_in_pad,
+            ys_in_lens,
+            return_hs=return_hs,
+            return_all_hs=return_all_hs,
         )
 
 

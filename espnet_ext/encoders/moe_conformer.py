@@ -17,7 +17,7 @@ from espnet2.asr.ctc import CTC
 from espnet2.asr.encoder.conformer_encoder import ConformerEncoder
 from typeguard import typechecked
 
-from espnet_ext.layers.aux import clear_aux
+from espnet_ext.layers.aux_loss import clear_aux
 from espnet_ext.layers.moe import install_moe_ffns, moe_ffn_factory
 
 __all__ = ["MoEConformerEncoder"]
@@ -148,7 +148,12 @@ class MoEConformerEncoder(ConformerEncoder):
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         clear_aux(self, owner="encoder 'moe_conformer'")
         return super().forward(
-            xs_pad, ilens, prev_states, masks=masks, ctc=ctc, return_all_hs=return_all_hs
+            xs_pad,
+            ilens,
+            prev_states,
+            masks=masks,
+            ctc=ctc,
+            return_all_hs=return_all_hs,
         )
 
 

@@ -23,7 +23,7 @@ from espnet.nets.pytorch_backend.transformer.positionwise_feed_forward import (
     PositionwiseFeedForward,
 )
 
-from espnet_ext.layers.aux import AuxRecorder
+from espnet_ext.layers.aux_loss import AuxRecorder
 
 __all__ = [
     "MoEFeedForward",
@@ -132,15 +132,23 @@ def dispatch_sorted(
     if layout == "stream":
         pair_weights = weights.reshape(-1)[order].unsqueeze(-1)  # (N*k, 1)
         out = torch.zeros_like(x)
-        for expert, tok, w in zip(experts, token.split(counts), pair_weights.split(counts)):
+        for expert, tok, w in zip(
+            experts, token.split(counts), pair_weights.split(counts)
+        ):
             out.index_add_(0, tok, (expert(x.index_select(0, tok)) * w).to(out.dtype))
         return out
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     rows = x.index_select(0, token)  # (N*k, D)
-    ys = torch.cat([expert(block) for expert, block in zip(experts, rows.split(counts))])
-    ys = ys.index_select(0, inverse).view(n, k, -1)  # (N, k, D), back in (token, slot) order
-    return torch.bmm(weights.unsqueeze(1).to(ys.dtype), ys).squeeze(1).to(x.dtype)  # (N, D)
+    ys = torch.cat(
+        [expert(block) for expert, block in zip(experts, rows.split(counts))]
+    )
+    ys = ys.index_select(0, inverse).view(
+        n, k, -1
+    )  # (N, k, D), back in (token, slot) order
+    return (
+        torch.bmm(weights.unsqueeze(1).to(ys.dtype), ys).squeeze(1).to(x.dtype)
+    )  # (N, D)
 
 
 DISPATCH: Dict[str, Callable[..., torch.Tensor]] = {
@@ -170,7 +178,7 @@ class MoEFeedForward(AuxRecorder, torch.nn.Module):
 
     Shapes: ``forward`` maps (..., D) -> (..., D).
 
-    Aux outputs (training mode only; see :mod:`espnet_ext.layers.aux`): losses
+    Aux outputs (training mode only; see :mod:`espnet_ext.layers.aux_loss`): losses
     ``<prefix>moe_balance`` and ``<prefix>moe_z``; statistics ``<prefix>moe_load_entropy`` (load
     entropy / log E: 1 = uniform, 0 = collapse), ``<prefix>moe_load_max`` (busiest
     expert's load x E: 1 = uniform) and ``<prefix>moe_frac_e<i>`` (fraction of routing
@@ -196,9 +204,13 @@ class MoEFeedForward(AuxRecorder, torch.nn.Module):
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+            raise ValueError(
+                f"top_k must be in [1, num_experts={num_experts}], got {top_k}"
+            )
         if impl not in DISPATCH:
-            raise ValueError(f"moe_impl must be one of {sorted(DISPATCH)}, got {impl!r}")
+            raise ValueError(
+                f"moe_impl must be one of {sorted(DISPATCH)}, got {impl!r}"
+            )
         if activation is None:
             activation = torch.nn.ReLU()
         self.num_experts = num_experts
@@ -254,13 +266,21 @@ class MoEFeedForward(AuxRecorder, torch.nn.Module):
         prob = logits.softmax(dim=-1).mean(dim=0)  # (E,)
         p = self.aux_prefix
         self.record_aux_loss(
-            f"{p}moe_balance", self.num_experts * (frac * prob).sum(), self.balance_loss_weight
+            f"{p}moe_balance",
+            self.num_experts * (frac * prob).sum(),
+            self.balance_loss_weight,
         )
-        z = torch.logsumexp(logits, dim=-1).pow(2).mean() if logits.numel() else logits.sum()
+        z = (
+            torch.logsumexp(logits, dim=-1).pow(2).mean()
+            if logits.numel()
+            else logits.sum()
+        )
         self.record_aux_loss(f"{p}moe_z", z, self.z_loss_weight)
         # Routing-collapse monitors: 1.0 = uniform load, 0.0 = one expert takes all.
         entropy = -(frac * frac.clamp_min(1e-9).log()).sum()
-        self.record_aux_stat(f"{p}moe_load_entropy", entropy / math.log(max(self.num_experts, 2)))
+        self.record_aux_stat(
+            f"{p}moe_load_entropy", entropy / math.log(max(self.num_experts, 2))
+        )
         self.record_aux_stat(f"{p}moe_load_max", frac.max() * self.num_experts)
         for e in range(self.num_experts):
             self.record_aux_stat(f"{p}moe_frac_e{e}", frac[e])

@@ -1,7 +1,7 @@
 """``model: espnet_ext``: ESPnet's CTC/attention model plus auxiliary losses.
 
 Any module of the model may report auxiliary losses and statistics during forward
-(:mod:`espnet_ext.layers.aux`): MoE balance and router z-losses, gate costs, later
+(:mod:`espnet_ext.layers.aux_loss`): MoE balance and router z-losses, gate costs, later
 distillation and right-to-left decoder losses. This model adds
 ``weight * loss`` for each to ESPnet's loss and logs every loss and statistic as its
 own entry in the training stats (``loss_<name>`` and ``<name>``). With no reporting
@@ -23,7 +23,7 @@ from espnet2.layers.abs_normalize import AbsNormalize
 from espnet2.torch_utils.device_funcs import force_gatherable
 from typeguard import typechecked
 
-from espnet_ext.layers.aux import clear_aux, collect_aux
+from espnet_ext.layers.aux_loss import clear_aux, collect_aux
 
 __all__ = ["ESPnetExtASRModel"]
 
@@ -103,7 +103,9 @@ class ESPnetExtASRModel(ESPnetASRModel):
         self.aux_loss_weights = dict(aux_loss_weights or {})
         for name, w in self.aux_loss_weights.items():
             if w < 0:
-                raise ValueError(f"model_conf.aux_loss_weights[{name!r}] must be >= 0, got {w}")
+                raise ValueError(
+                    f"model_conf.aux_loss_weights[{name!r}] must be >= 0, got {w}"
+                )
         self._aux_names_checked = False
 
     def forward(

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
 
 RECIPE = REPO / "egs2" / "speechocean762" / "asr1"
@@ -23,8 +22,12 @@ RECIPE = REPO / "egs2" / "speechocean762" / "asr1"
 def _run(cmd, corpus: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     env = dict(os.environ, SPEECHOCEAN762=str(corpus))
     env.pop("ESPNET_EXT_DISABLE", None)
-    proc = subprocess.run(cmd, cwd=RECIPE, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    proc = subprocess.run(
+        cmd, cwd=RECIPE, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert (
+        proc.returncode == 0
+    ), f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
@@ -47,7 +50,9 @@ def test_data_sh_writes_sorted_kaldi_dirs_with_matching_ids(data_dir, split):
     for name, rows in tables.items():
         keys = [k for k, _ in rows]
         # LC_ALL=C sort order (bytes), no duplicates: what utils/validate_data_dir.sh checks.
-        assert keys == sorted(set(keys), key=lambda k: k.encode()), f"{split}/{name} not sorted/unique"
+        assert keys == sorted(
+            set(keys), key=lambda k: k.encode()
+        ), f"{split}/{name} not sorted/unique"
     utts = [k for k, _ in tables["wav.scp"]]
     assert utts == [k for k, _ in tables["text"]] == [k for k, _ in tables["utt2spk"]]
     utt2spk = dict(tables["utt2spk"])
@@ -61,7 +66,10 @@ def test_data_sh_writes_sorted_kaldi_dirs_with_matching_ids(data_dir, split):
 
 
 def test_data_sh_splits_have_expected_sizes_and_disjoint_speakers(data_dir):
-    spk = {s: {k for k, _ in _table(data_dir / s / "spk2utt")} for s in ("train", "dev", "test")}
+    spk = {
+        s: {k for k, _ in _table(data_dir / s / "spk2utt")}
+        for s in ("train", "dev", "test")
+    }
     n = {s: len(_table(data_dir / s / "text")) for s in ("train", "dev", "test")}
     assert n == {"train": 2400, "dev": 100, "test": 220}
     assert not (spk["train"] & spk["dev"]) and not (spk["train"] & spk["test"])
@@ -77,29 +85,52 @@ def test_data_sh_reads_the_original_corpus_layout(tmp_path):
             wav = root / "WAVE" / f"SPEAKER{s}" / f"{utt}.WAV"
             wav.parent.mkdir(parents=True, exist_ok=True)
             wav.write_bytes(b"RIFF")
-        (root / split / "wav.scp").write_text("".join(f"{u} WAVE/SPEAKER{s}/{u}.WAV\n" for u, s in rows))
-        (root / split / "text").write_text("".join(f"{u} HELLO WORLD\n" for u, _ in rows))
+        (root / split / "wav.scp").write_text(
+            "".join(f"{u} WAVE/SPEAKER{s}/{u}.WAV\n" for u, s in rows)
+        )
+        (root / split / "text").write_text(
+            "".join(f"{u} HELLO WORLD\n" for u, _ in rows)
+        )
         (root / split / "utt2spk").write_text("".join(f"{u} {s}\n" for u, s in rows))
     out = tmp_path / "data"
     _run(["bash", "local/data.sh", "--data_dir", str(out), "--dev_every", "2"], root)
-    assert [k for k, _ in _table(out / "test" / "wav.scp")] == ["000030000", "000030001"]
+    assert [k for k, _ in _table(out / "test" / "wav.scp")] == [
+        "000030000",
+        "000030001",
+    ]
     assert {s for s, _ in _table(out / "dev" / "spk2utt")} == {"0001"}
     assert {s for s, _ in _table(out / "train" / "spk2utt")} == {"0002"}
 
 
 def test_data_sh_names_the_corpus_variable_when_the_corpus_is_missing(tmp_path):
     env = dict(os.environ, SPEECHOCEAN762=str(tmp_path / "nowhere"))
-    proc = subprocess.run(["bash", "local/data.sh", "--data_dir", str(tmp_path / "d")], cwd=RECIPE,
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["bash", "local/data.sh", "--data_dir", str(tmp_path / "d")],
+        cwd=RECIPE,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "SPEECHOCEAN762" in proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
 def fast_run(speechocean, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fast")
-    proc = _run(["./run_cpu.sh", "--fast", "true",
-                 "--asr_config", "conf/tuning/train_asr_moe_conformer.yaml",
-                 "--expdir", str(tmp / "exp"), "--datadir", str(tmp / "data")], speechocean)
+    proc = _run(
+        [
+            "./run_cpu.sh",
+            "--fast",
+            "true",
+            "--asr_config",
+            "conf/tuning/train_asr_moe_conformer.yaml",
+            "--expdir",
+            str(tmp / "exp"),
+            "--datadir",
+            str(tmp / "data"),
+        ],
+        speechocean,
+    )
     return tmp / "exp", proc.stdout + proc.stderr
 
 
@@ -118,7 +149,11 @@ def test_fast_run_prints_wer_and_writes_results(fast_run):
 def test_fast_run_decodes_every_utterance(fast_run):
     exp, _ = fast_run
     for name in ("dev_fast", "test_fast"):
-        ref = {l.split()[0] for l in (exp / "data" / name / "text").read_text().splitlines() if l.strip()}
+        ref = {
+            l.split()[0]
+            for l in (exp / "data" / name / "text").read_text().splitlines()
+            if l.strip()
+        }
         hyp_file = next(exp.glob(f"asr_train/decode_*/{name}/1best_recog/text"))
         hyp = {l.split()[0] for l in hyp_file.read_text().splitlines() if l.strip()}
         assert len(ref) == 10 and hyp == ref
@@ -159,22 +194,49 @@ def test_fast_run_packs_config_and_weights(fast_run):
 def test_results_table_has_a_row_per_config_and_marks_missing_runs_pending(tmp_path):
     exp = tmp_path / "exp_cpu" / "train_asr_conformer"
     exp.mkdir(parents=True)
-    (exp / "results.json").write_text(json.dumps({
-        "params": 4.63e6, "encoder_params": 3.61e6, "checkpoint_mb": 17.8, "rtf": 0.045,
-        "train_seconds": 3000, "epochs": 8, "sets": {"dev": {"wer": 40.0, "cer": 20.0},
-                                         "test": {"wer": 61.5, "cer": 33.3}}}))
+    (exp / "results.json").write_text(
+        json.dumps(
+            {
+                "params": 4.63e6,
+                "encoder_params": 3.61e6,
+                "checkpoint_mb": 17.8,
+                "rtf": 0.045,
+                "train_seconds": 3000,
+                "epochs": 8,
+                "sets": {
+                    "dev": {"wer": 40.0, "cer": 20.0},
+                    "test": {"wer": 61.5, "cer": 33.3},
+                },
+            }
+        )
+    )
     readme = tmp_path / "README.md"
     readme.write_text("# r\n<!-- RESULTS:BEGIN -->\nold\n<!-- RESULTS:END -->\ntail\n")
     plot = tmp_path / "results.png"
-    subprocess.run(["python3", "local/results.py", "--exp_root", str(tmp_path / "exp_cpu"),
-                    "--readme", str(readme), "--plot", str(plot)], cwd=RECIPE, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            "python3",
+            "local/results.py",
+            "--exp_root",
+            str(tmp_path / "exp_cpu"),
+            "--readme",
+            str(readme),
+            "--plot",
+            str(plot),
+        ],
+        cwd=RECIPE,
+        check=True,
+        capture_output=True,
+    )
     text = readme.read_text()
     configs = sorted(p.stem for p in (RECIPE / "conf" / "tuning").glob("train_*.yaml"))
     rows = [l for l in text.splitlines() if l.startswith("| train_")]
     assert [r.split(" | ")[0][2:] for r in rows] == configs
     measured = next(r for r in rows if r.startswith("| train_asr_conformer |"))
-    assert "| 4.63 | 3.61 | 17.8 | 40.0 | 20.0 | 61.5 | 33.3 | 0.045 | 0h50m (8 ep) |" in measured
+    assert (
+        "| 4.63 | 3.61 | 17.8 | 40.0 | 20.0 | 61.5 | 33.3 | 0.045 | 0h50m (8 ep) |"
+        in measured
+    )
     assert all("pending" in r for r in rows if r is not measured)
     assert "old" not in text and text.endswith("tail\n")
     assert plot.read_bytes()[:4] == b"\x89PNG"
@@ -189,25 +251,52 @@ def _fake_espnet(root: Path) -> Path:
 
 
 @pytest.mark.parametrize("inside_checkout", [True, False])
-def test_setup_sh_links_the_template_and_path_sh_finds_the_espnet_root(tmp_path, inside_checkout):
+def test_setup_sh_links_the_template_and_path_sh_finds_the_espnet_root(
+    tmp_path, inside_checkout
+):
     import shutil
 
     espnet = _fake_espnet(tmp_path / "espnet")
-    recipe = (espnet if inside_checkout else tmp_path / "elsewhere") / "egs2" / "speechocean762" / "asr1"
-    shutil.copytree(RECIPE, recipe, ignore=shutil.ignore_patterns(
-        "data", "exp*", "dump", "asr.sh", "utils", "steps", "scripts", "pyscripts"))
-    subprocess.run(["./setup.sh"], cwd=recipe, env=dict(os.environ, ESPNET_ROOT=str(espnet)),
-                   check=True, capture_output=True)
+    recipe = (
+        (espnet if inside_checkout else tmp_path / "elsewhere")
+        / "egs2"
+        / "speechocean762"
+        / "asr1"
+    )
+    shutil.copytree(
+        RECIPE,
+        recipe,
+        ignore=shutil.ignore_patterns(
+            "data", "exp*", "dump", "asr.sh", "utils", "steps", "scripts", "pyscripts"
+        ),
+    )
+    subprocess.run(
+        ["./setup.sh"],
+        cwd=recipe,
+        env=dict(os.environ, ESPNET_ROOT=str(espnet)),
+        check=True,
+        capture_output=True,
+    )
     for name in ("asr.sh", "utils", "steps", "scripts", "pyscripts"):
         link = recipe / name
-        assert link.is_symlink() and link.resolve() == (espnet / "egs2/TEMPLATE/asr1" / name).resolve()
+        assert (
+            link.is_symlink()
+            and link.resolve() == (espnet / "egs2/TEMPLATE/asr1" / name).resolve()
+        )
         assert Path(os.readlink(link)).is_absolute() is not inside_checkout
-    out = subprocess.run(["bash", "-c", ". ./path.sh && echo $MAIN_ROOT"], cwd=recipe,
-                         check=True, capture_output=True, text=True).stdout.strip()
+    out = subprocess.run(
+        ["bash", "-c", ". ./path.sh && echo $MAIN_ROOT"],
+        cwd=recipe,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     assert Path(out).resolve() == espnet.resolve()
 
 
 def test_setup_sh_without_espnet_root_says_what_to_set(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "ESPNET_ROOT"}
-    proc = subprocess.run(["bash", str(RECIPE / "setup.sh")], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["bash", str(RECIPE / "setup.sh")], env=env, capture_output=True, text=True
+    )
     assert proc.returncode != 0 and "ESPNET_ROOT" in proc.stderr

@@ -9,9 +9,17 @@ from espnet2.asr.encoder.conformer_encoder import ConformerEncoder
 from espnet_ext.encoders.moe_conformer import MoEConformerEncoder
 from espnet_ext.layers.moe import MoEFeedForward
 
-CONF = dict(input_size=12, output_size=16, attention_heads=2, linear_units=24, num_blocks=2,
-            macaron_style=True, cnn_module_kernel=5, dropout_rate=0.0,
-            positional_dropout_rate=0.0)
+CONF = dict(
+    input_size=12,
+    output_size=16,
+    attention_heads=2,
+    linear_units=24,
+    num_blocks=2,
+    macaron_style=True,
+    cnn_module_kernel=5,
+    dropout_rate=0.0,
+    positional_dropout_rate=0.0,
+)
 
 
 def _inputs():
@@ -50,14 +58,21 @@ def test_one_expert_equals_espnet_conformer_with_same_weights():
 
 def test_every_ffn_is_moe_except_dense_blocks():
     enc = MoEConformerEncoder(**{**CONF, "num_blocks": 3}, dense_block_idx=[2])
-    kinds = [(isinstance(l.feed_forward, MoEFeedForward),
-              isinstance(l.feed_forward_macaron, MoEFeedForward)) for l in enc.encoders]
+    kinds = [
+        (
+            isinstance(l.feed_forward, MoEFeedForward),
+            isinstance(l.feed_forward_macaron, MoEFeedForward),
+        )
+        for l in enc.encoders
+    ]
     assert kinds == [(True, True), (False, False), (True, True)]
 
 
 def test_expert_units_default_to_linear_units():
     enc = MoEConformerEncoder(**CONF)
-    assert enc.encoders[0].feed_forward.experts[0].w_1.out_features == CONF["linear_units"]
+    assert (
+        enc.encoders[0].feed_forward.experts[0].w_1.out_features == CONF["linear_units"]
+    )
     enc = MoEConformerEncoder(**CONF, expert_units=8)
     assert enc.encoders[0].feed_forward.experts[0].w_1.out_features == 8
 

@@ -9,7 +9,7 @@ from espnet.nets.pytorch_backend.transformer.positionwise_feed_forward import (
     PositionwiseFeedForward,
 )
 
-from espnet_ext.layers.aux import collect_aux
+from espnet_ext.layers.aux_loss import collect_aux
 from espnet_ext.layers.moe import DISPATCH, MoEFeedForward, dispatch_sorted
 
 D, F, E = 8, 16, 4
@@ -40,8 +40,9 @@ def dense_oracle(moe: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
 
 def _moe(impl="reference", num_experts=E, top_k=2, seed=0, **kw):
     torch.manual_seed(seed)
-    return MoEFeedForward(D, F, num_experts=num_experts, top_k=top_k, dropout_rate=0.0,
-                          impl=impl, **kw)
+    return MoEFeedForward(
+        D, F, num_experts=num_experts, top_k=top_k, dropout_rate=0.0, impl=impl, **kw
+    )
 
 
 def _grads(module, x, fn):
@@ -49,7 +50,10 @@ def _grads(module, x, fn):
     x = x.clone().requires_grad_(True)
     out = fn(x)
     (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-    grads = {n: p.grad.clone() if p.grad is not None else None for n, p in module.named_parameters()}
+    grads = {
+        n: p.grad.clone() if p.grad is not None else None
+        for n, p in module.named_parameters()
+    }
     return out.detach(), x.grad.clone(), grads
 
 
@@ -107,7 +111,9 @@ def test_router_runs_in_fp32_and_weights_sum_to_one():
     moe = _moe().to(torch.bfloat16)
     logits, weights, indices = moe.route(torch.randn(5, D, dtype=torch.bfloat16))
     assert logits.dtype == torch.float32 and indices.shape == (5, 2)
-    torch.testing.assert_close(weights.float().sum(-1), torch.ones(5), atol=1e-2, rtol=0)
+    torch.testing.assert_close(
+        weights.float().sum(-1), torch.ones(5), atol=1e-2, rtol=0
+    )
 
 
 def test_uniform_router_gives_balance_one_and_z_log_e_squared():

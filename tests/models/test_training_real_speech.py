@@ -16,16 +16,20 @@ pytestmark = pytest.mark.slow
 
 def _batch(corpus, n=6):
     wav = [l.split() for l in (corpus / "train/wav.scp").read_text().splitlines()[:n]]
-    text = dict(l.split(" ", 1) for l in (corpus / "train/text").read_text().splitlines())
+    text = dict(
+        l.split(" ", 1) for l in (corpus / "train/text").read_text().splitlines()
+    )
     chars = sorted({c for k, _ in wav for c in text[k]})
     tokens = ["<blank>", "<unk>", *chars, "<sos/eos>"]
     audio = [torch.tensor(sf.read(corpus / p, dtype="float32")[0]) for _, p in wav]
     ids = [torch.tensor([tokens.index(c) for c in text[k]]) for k, _ in wav]
     pad = torch.nn.utils.rnn.pad_sequence
     return tokens, dict(
-        speech=pad(audio, batch_first=True), speech_lengths=torch.tensor([len(a) for a in audio]),
+        speech=pad(audio, batch_first=True),
+        speech_lengths=torch.tensor([len(a) for a in audio]),
         text=pad(ids, batch_first=True, padding_value=-1),
-        text_lengths=torch.tensor([len(i) for i in ids]))
+        text_lengths=torch.tensor([len(i) for i in ids]),
+    )
 
 
 def test_moe_encoder_and_decoder_training_lowers_the_loss(speechocean):
@@ -33,15 +37,39 @@ def test_moe_encoder_and_decoder_training_lowers_the_loss(speechocean):
     torch.manual_seed(0)
     v, d = len(tokens), 32
     model = ESPnetExtASRModel(
-        vocab_size=v, token_list=tokens, frontend=DefaultFrontend(n_mels=40), specaug=None,
-        normalize=UtteranceMVN(), preencoder=None,
-        encoder=MoEConformerEncoder(40, output_size=d, attention_heads=2, linear_units=64,
-                                    num_blocks=2, macaron_style=True, cnn_module_kernel=7,
-                                    num_experts=4, top_k=2, moe_balance_weight=0.01),
+        vocab_size=v,
+        token_list=tokens,
+        frontend=DefaultFrontend(n_mels=40),
+        specaug=None,
+        normalize=UtteranceMVN(),
+        preencoder=None,
+        encoder=MoEConformerEncoder(
+            40,
+            output_size=d,
+            attention_heads=2,
+            linear_units=64,
+            num_blocks=2,
+            macaron_style=True,
+            cnn_module_kernel=7,
+            num_experts=4,
+            top_k=2,
+            moe_balance_weight=0.01,
+        ),
         postencoder=None,
-        decoder=MoETransformerDecoder(v, d, attention_heads=2, linear_units=64, num_blocks=1,
-                                      num_experts=4, top_k=2),
-        ctc=CTC(v, d), joint_network=None, ctc_weight=0.3, report_cer=False, report_wer=False,
+        decoder=MoETransformerDecoder(
+            v,
+            d,
+            attention_heads=2,
+            linear_units=64,
+            num_blocks=1,
+            num_experts=4,
+            top_k=2,
+        ),
+        ctc=CTC(v, d),
+        joint_network=None,
+        ctc_weight=0.3,
+        report_cer=False,
+        report_wer=False,
     ).train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []

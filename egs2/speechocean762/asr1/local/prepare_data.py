@@ -38,7 +38,9 @@ def read_table(path: Path) -> Dict[str, str]:
 
 def write_table(path: Path, table: Dict[str, str]) -> None:
     # Kaldi sorts with LC_ALL=C, i.e. by bytes: Python's str sort on ASCII ids agrees.
-    path.write_text("".join(f"{k} {table[k]}\n" for k in sorted(table)), encoding="utf-8")
+    path.write_text(
+        "".join(f"{k} {table[k]}\n" for k in sorted(table)), encoding="utf-8"
+    )
 
 
 def load_split(root: Path, name: str) -> Dict[str, Dict[str, str]]:
@@ -48,7 +50,9 @@ def load_split(root: Path, name: str) -> Dict[str, Dict[str, str]]:
     for other, label in ((text, "text"), (utt2spk, "utt2spk")):
         if set(other) != set(wav):
             diff = sorted(set(other) ^ set(wav))
-            sys.exit(f"{d}: wav.scp and {label} disagree on utterance ids, e.g. {diff[:3]}")
+            sys.exit(
+                f"{d}: wav.scp and {label} disagree on utterance ids, e.g. {diff[:3]}"
+            )
     utts = {}
     for utt, rel in wav.items():
         path = Path(rel) if Path(rel).is_absolute() else root / rel
@@ -79,18 +83,33 @@ def by_speaker(utts: Dict[str, Dict[str, str]]) -> Dict[str, List[str]]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("corpus", type=Path, help="speechocean762 root (holds train/ and test/ or dev/)")
-    p.add_argument("data_dir", type=Path, help="where to write the Kaldi dirs (usually data/)")
-    p.add_argument("--dev_every", type=int, default=25,
-                   help="hold out every N-th train speaker as dev (25 -> 5 of 125 speakers)")
-    p.add_argument("--fast", action="store_true",
-                   help="write {train,dev,test}_fast: 4 train speakers, 10 dev and 10 test utterances")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "corpus", type=Path, help="speechocean762 root (holds train/ and test/ or dev/)"
+    )
+    p.add_argument(
+        "data_dir", type=Path, help="where to write the Kaldi dirs (usually data/)"
+    )
+    p.add_argument(
+        "--dev_every",
+        type=int,
+        default=25,
+        help="hold out every N-th train speaker as dev (25 -> 5 of 125 speakers)",
+    )
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="write {train,dev,test}_fast: 4 train speakers, 10 dev and 10 test utterances",
+    )
     args = p.parse_args()
 
     root = args.corpus
     if not (root / "train").is_dir():
-        sys.exit(f"{root}: no train/ dir; set SPEECHOCEAN762 in db.sh to the corpus root")
+        sys.exit(
+            f"{root}: no train/ dir; set SPEECHOCEAN762 in db.sh to the corpus root"
+        )
     test_name = next((n for n in ("test", "dev") if (root / n).is_dir()), None)
     if test_name is None:
         sys.exit(f"{root}: neither test/ nor dev/ found next to train/")

@@ -14,8 +14,19 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 BEGIN, END = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
-COLUMNS = ("config", "params (M)", "encoder (M)", "checkpoint (MB)", "WER dev", "CER dev",
-           "WER test", "CER test", "decode RTF", "train time", "command")
+COLUMNS = (
+    "config",
+    "params (M)",
+    "encoder (M)",
+    "checkpoint (MB)",
+    "WER dev",
+    "CER dev",
+    "WER test",
+    "CER test",
+    "decode RTF",
+    "train time",
+    "command",
+)
 
 
 def load(exp_root: Path, configs: List[Path]) -> Dict[str, Optional[dict]]:
@@ -37,14 +48,24 @@ def table(results: Dict[str, Optional[dict]]) -> str:
     for name, r in results.items():
         cmd = f"`./run_cpu.sh --asr_config conf/tuning/{name}.yaml`"
         if r is None:
-            rows.append(f"| {name} | " + " | ".join(["pending"] * (len(COLUMNS) - 2)) + f" | {cmd} |")
+            rows.append(
+                f"| {name} | "
+                + " | ".join(["pending"] * (len(COLUMNS) - 2))
+                + f" | {cmd} |"
+            )
             continue
         sets = r.get("sets", {})
-        cells = [name, f"{r['params'] / 1e6:.2f}", f"{r['encoder_params'] / 1e6:.2f}",
-                 f"{r['checkpoint_mb']:.1f}"]
+        cells = [
+            name,
+            f"{r['params'] / 1e6:.2f}",
+            f"{r['encoder_params'] / 1e6:.2f}",
+            f"{r['checkpoint_mb']:.1f}",
+        ]
         for s in ("dev", "test"):
             v = sets.get(s)
-            cells += [f"{v['wer']:.1f}", f"{v['cer']:.1f}"] if v else ["pending", "pending"]
+            cells += (
+                [f"{v['wer']:.1f}", f"{v['cer']:.1f}"] if v else ["pending", "pending"]
+            )
         epochs = f" ({r['epochs']} ep)" if r.get("epochs") else ""
         cells += [f"{r['rtf']:.3f}", _fmt_time(r.get("train_seconds")) + epochs, cmd]
         rows.append("| " + " | ".join(cells) + " |")
@@ -66,10 +87,14 @@ def plot(results: Dict[str, Optional[dict]], path: Path) -> bool:
         wer = r["sets"]["test"]["wer"]
         for ax, x in zip(axes, (r["params"] / 1e6, r["rtf"])):
             ax.scatter(x, wer, s=40)
-            ax.annotate(label, (x, wer), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            ax.annotate(
+                label, (x, wer), textcoords="offset points", xytext=(5, 5), fontsize=8
+            )
     axes[0].set_xlabel("parameters (M)")
     threads = sorted({r.get("rtf_threads", "?") for r in done.values()})
-    axes[1].set_xlabel(f"decoding RTF (CPU, {'/'.join(map(str, threads))} thread(s), batch 1)")
+    axes[1].set_xlabel(
+        f"decoding RTF (CPU, {'/'.join(map(str, threads))} thread(s), batch 1)"
+    )
     axes[0].set_ylabel("WER on test (%)")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -81,7 +106,9 @@ def plot(results: Dict[str, Optional[dict]], path: Path) -> bool:
 
 def main() -> None:
     here = Path(__file__).resolve().parents[1]
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--exp_root", type=Path, default=here / "exp_cpu")
     p.add_argument("--conf_dir", type=Path, default=here / "conf" / "tuning")
     p.add_argument("--readme", type=Path, default=here / "README.md")

@@ -2,28 +2,31 @@
 
 ``espnet_ext.pth`` (Python <= 3.14) and ``espnet_ext.start`` (PEP 829, Python >= 3.15)
 call :func:`install` at interpreter start-up. It puts a finder at the front of
-``sys.meta_path`` that wraps the loader of each task module named in
-:mod:`espnet_ext.registry`; once the task module has executed, its ``*_choices``
-objects get our classes. Registration therefore happens before ``get_parser()``
-freezes argparse ``choices``, in training, stats collection, decoding and in DDP
-workers started with ``spawn`` (fresh interpreters run the same hook).
+``sys.meta_path`` that wraps the loader of each task module in :data:`HOOKED_TASKS`;
+once the task module has executed, its ``*_choices`` objects get our classes
+(:func:`espnet_ext.registry.register_into`). Registration therefore happens before
+``get_parser()`` freezes argparse ``choices``, in training, stats collection, decoding
+and in DDP workers started with ``spawn`` (fresh interpreters run the same hook, unless
+they start with ``-S``: see :mod:`espnet_ext.bin.run`).
 
-Why a post-import hook rather than importing ESPnet here: start-up must stay cheap
-(no torch, no espnet) for every Python process on the machine, most of which never
-touch ESPnet. This module imports only the standard library.
+Why a post-import hook rather than importing ESPnet here: every Python process of the
+environment runs this at start-up, and most never touch ESPnet. So start-up reads
+the opt-out variable first and, until an ESPnet task module is imported, this module
+uses nothing but ``sys`` and ``os`` (both already loaded by ``site``): no
+``importlib.abc`` base classes (they pull in ``importlib.resources``, ``pathlib``,
+``tempfile``, ``re``, ``typing``), no ``threading``, not even our own registry.
+``python -m espnet_ext.bench startup`` measures the cost.
 """
 
-import importlib.abc
 import os
 import sys
-import threading
-from typing import Optional, Set
-
-from espnet_ext.registry import TASK_MODULES
 
 OPT_OUT_ENV = "ESPNET_EXT_DISABLE"
 
-_lock = threading.RLock()
+# The ESPnet task modules the hook watches. espnet_ext.registry checks that each of
+# its rows names one of these (it cannot be imported from here: start-up would pay
+# for ``typing`` and ``importlib``).
+HOOKED_TASKS = frozenset({"espnet2.tasks.asr", "espnet2.tasks.st"})
 
 
 def opted_out() -> bool:
@@ -32,10 +35,14 @@ def opted_out() -> bool:
     return value not in ("", "0", "false", "no", "off")
 
 
-class _RegisteringLoader(importlib.abc.Loader):
-    """Wraps a task module's loader; registers our classes after it executed."""
+class _RegisteringLoader:
+    """Wraps a task module's loader; registers our classes after it executed.
 
-    def __init__(self, inner: importlib.abc.Loader):
+    A plain class: the import system only calls ``create_module``/``exec_module``
+    (``importlib.abc.Loader`` would add nothing but start-up imports).
+    """
+
+    def __init__(self, inner):
         self._inner = inner
 
     def create_module(self, spec):
@@ -50,14 +57,17 @@ class _RegisteringLoader(importlib.abc.Loader):
         return getattr(self._inner, name)
 
 
-class _PostImportFinder(importlib.abc.MetaPathFinder):
-    """Finds task modules through the other finders and wraps their loader."""
+class _PostImportFinder:
+    """Finds task modules through the other finders and wraps their loader.
+
+    A plain class with ``find_spec``: all ``sys.meta_path`` asks of a finder.
+    """
 
     def __init__(self):
-        self._resolving: Set[str] = set()
+        self._resolving = set()
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in TASK_MODULES or fullname in self._resolving:
+        if fullname not in HOOKED_TASKS or fullname in self._resolving:
             return None
         self._resolving.add(fullname)
         try:
@@ -76,7 +86,7 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
-_finder: Optional[_PostImportFinder] = None
+_finder = None
 
 
 def _register_module(module) -> None:
@@ -94,6 +104,10 @@ def _register_module(module) -> None:
 def install(force: bool = False) -> bool:
     """Install the post-import hook and register into already-imported task modules.
 
+    Safe to call again (and from several threads): a second call finds the finder
+    installed, and registering twice is a no-op, so no lock is needed (a lock would
+    cost ``threading`` at every interpreter start).
+
     Args:
         force: ignore the opt-out variable (explicit :func:`espnet_ext.register`).
 
@@ -103,16 +117,15 @@ def install(force: bool = False) -> bool:
     global _finder
     if not force and opted_out():
         return False
-    with _lock:
-        if _finder is None:
-            _finder = _PostImportFinder()
-            sys.meta_path.insert(0, _finder)
-        for name in TASK_MODULES:
-            module = sys.modules.get(name)
-            # A module still executing (partially initialised) is handled by the
-            # loader wrapper when it finishes; only complete modules are done here.
-            if module is not None and not _initialising(module):
-                _register_module(module)
+    if _finder is None:
+        _finder = _PostImportFinder()
+        sys.meta_path.insert(0, _finder)
+    for name in sorted(HOOKED_TASKS):
+        module = sys.modules.get(name)
+        # A module still executing (partially initialised) is handled by the
+        # loader wrapper when it finishes; only complete modules are done here.
+        if module is not None and not _initialising(module):
+            _register_module(module)
     return True
 
 

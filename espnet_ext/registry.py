@@ -13,6 +13,8 @@ interpreter start-up. Our classes are imported only when a task module is.
 import importlib
 from typing import Dict, List, NamedTuple, Tuple
 
+from espnet_ext._autoregister import HOOKED_TASKS
+
 __all__ = [
     "Entry",
     "ENTRIES",
@@ -66,7 +68,10 @@ def load_class(path: str) -> type:
 
 
 def validate_table(entries: Tuple[Entry, ...] = ENTRIES) -> None:
-    """Check the table's own consistency (no imports): lower-case keys, no duplicates.
+    """Check the table's own consistency (no imports).
+
+    Lower-case keys, no duplicates, none of ESPnet's reserved names, and only task
+    modules the start-up hook watches (``_autoregister.HOOKED_TASKS``).
 
     Raises:
         ValueError: naming the offending row.
@@ -84,6 +89,11 @@ def validate_table(entries: Tuple[Entry, ...] = ENTRIES) -> None:
             raise ValueError(f"{where}: choices name must end with '_choices'")
         if ":" not in e.class_path:
             raise ValueError(f"{where}: class path must be 'module:Class'")
+        if e.task not in HOOKED_TASKS:
+            raise ValueError(
+                f"{where}: the start-up hook does not watch {e.task}; add it to "
+                f"espnet_ext._autoregister.HOOKED_TASKS"
+            )
         if (e.task, e.choices, e.key) in seen:
             raise ValueError(f"{where}: registered twice")
         seen.add((e.task, e.choices, e.key))

@@ -44,6 +44,12 @@ def test_wheel_ships_startup_files(source_copy, hook):
     assert _build(source_copy, hook) == EXPECTED
 
 
+def test_startup_benchmark_measures_the_shipped_pth_line():
+    from espnet_ext.bench.startup import PTH_LINE
+
+    assert PTH_LINE == EXPECTED["espnet_ext.pth"]
+
+
 def test_start_file_names_a_callable():
     import pkgutil
 

@@ -1,9 +1,12 @@
 """Our classes reach ESPnet's class choices in every process, without being imported."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
-from conftest import run_python
+from conftest import REPO, run_python
 
 from espnet_ext import registry
 
@@ -63,9 +66,39 @@ def test_interpreter_startup_imports_neither_torch_nor_espnet():
     assert out.stdout.strip() == "[]"
 
 
-def test_start_up_hook_is_installed_in_this_environment():
-    import sys
+def test_start_up_hook_imports_nothing_but_our_two_modules(tmp_path):
+    """The .pth line, run the way site runs it, adds only espnet_ext + the hook."""
+    import shutil
 
+    from espnet_ext.bench.startup import PTH_LINE
+
+    shutil.copytree(
+        REPO / "espnet_ext",
+        tmp_path / "espnet_ext",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    (tmp_path / "espnet_ext.pth").write_text(PTH_LINE)
+    code = (
+        "import sys, site; before = set(sys.modules); "
+        f"site.addsitedir({str(tmp_path)!r}); "
+        "print(sorted(set(sys.modules) - before)); "
+        "print(any(type(f).__name__ == '_PostImportFinder' for f in sys.meta_path))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ESPNET_EXT_DISABLE"}
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    imported, hooked = proc.stdout.split("\n")[:2]
+    assert imported == "['espnet_ext', 'espnet_ext._autoregister']"
+    assert hooked == "True"
+
+
+def test_start_up_hook_is_installed_in_this_environment():
     assert any(type(f).__name__ == "_PostImportFinder" for f in sys.meta_path)
 
 
@@ -95,6 +128,10 @@ def test_table_is_valid():
             "reserved",
         ),
         (registry.Entry("espnet2.tasks.asr", "encoder", "x", "a:B"), "_choices"),
+        (
+            registry.Entry("espnet2.tasks.enh", "encoder_choices", "x", "a:B"),
+            "does not watch",
+        ),
         (
             registry.Entry("espnet2.tasks.asr", "encoder_choices", "x", "a.B"),
             "module:Class",

@@ -4,7 +4,10 @@ import sys
 
 
 def main() -> None:
-    names = {"moe": "espnet_ext.bench.moe"}
+    names = {
+        "moe": "espnet_ext.bench.moe",
+        "startup": "espnet_ext.bench.startup",
+    }
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         sys.exit(f"usage: python -m espnet_ext.bench {{{','.join(names)}}} [options]")
     import importlib

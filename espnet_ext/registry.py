@@ -31,6 +31,10 @@ _ST = "espnet2.tasks.st"
 _MOE_CONFORMER = "espnet_ext.encoders.moe_conformer:MoEConformerEncoder"
 _MOE_TRANSFORMER = "espnet_ext.decoders.moe_transformer:MoETransformerDecoder"
 _EXT_ASR_MODEL = "espnet_ext.models.asr_model:ESPnetExtASRModel"
+_RESIDUAL_CONFORMER = "espnet_ext.encoders.residual_conformer:ResidualConformerEncoder"
+_RESIDUAL_TRANSFORMER = (
+    "espnet_ext.encoders.residual_transformer:ResidualTransformerEncoder"
+)
 
 
 class Entry(NamedTuple):
@@ -48,6 +52,11 @@ ENTRIES: Tuple[Entry, ...] = (
     Entry(_ASR, "decoder_choices", "moe_transformer", _MOE_TRANSFORMER),
     Entry(_ST, "decoder_choices", "moe_transformer", _MOE_TRANSFORMER),
     Entry(_ASR, "model_choices", "espnet_ext", _EXT_ASR_MODEL),
+    # ResidualTransformer (arXiv 2310.02489): residual-shared encoders, ASR and ST
+    Entry(_ASR, "encoder_choices", "residual_conformer", _RESIDUAL_CONFORMER),
+    Entry(_ST, "encoder_choices", "residual_conformer", _RESIDUAL_CONFORMER),
+    Entry(_ASR, "encoder_choices", "residual_transformer", _RESIDUAL_TRANSFORMER),
+    Entry(_ST, "encoder_choices", "residual_transformer", _RESIDUAL_TRANSFORMER),
 )
 
 TASK_MODULES = frozenset(e.task for e in ENTRIES)

@@ -3,6 +3,8 @@
 The same check ESPnet's CI runs on recipe configs:
 ``asr_train --config F --iterator_type none --dry_run true --output_dir out
 --token_list dummy_token_list`` (here, one interpreter loops over all files).
+Speech-translation configs (``train_st*.yaml``) go through ``st_train`` instead, which
+also needs ``--src_token_list``.
 """
 
 import json
@@ -25,13 +27,18 @@ def test_every_training_yaml_passes_espnet_dry_run(tmp_path):
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("\n".join(["<blank>", "<unk>", "a", "b", "<sos/eos>"]) + "\n")
     code = f"""
-import json, traceback
+import json, os, traceback
 from espnet2.tasks.asr import ASRTask
+from espnet2.tasks.st import STTask
 failures = {{}}
 for i, f in enumerate({json.dumps([str(c) for c in configs])}):
+    st = os.path.basename(f).startswith("train_st")
+    extra = ["--src_token_list", "{tokens}"] if st else []
     try:
-        ASRTask.main(cmd=["--config", f, "--iterator_type", "none", "--dry_run", "true",
-                          "--output_dir", "{tmp_path}/out%d" % i, "--token_list", "{tokens}"])
+        (STTask if st else ASRTask).main(
+            cmd=["--config", f, "--iterator_type", "none", "--dry_run", "true",
+                 "--output_dir", "{tmp_path}/out%d" % i, "--token_list", "{tokens}",
+                 *extra])
     except BaseException:
         failures[f] = traceback.format_exc()[-1500:]
 print(json.dumps(failures))

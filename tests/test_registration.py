@@ -10,14 +10,16 @@ from conftest import REPO, run_python
 
 from espnet_ext import registry
 
-CHECK = """
-import json
-import espnet2.tasks.asr as asr, espnet2.tasks.st as st
-print(json.dumps({
-    "asr_encoder": sorted(asr.encoder_choices.classes),
-    "asr_model": sorted(asr.model_choices.classes),
-    "st_encoder": sorted(st.encoder_choices.classes),
-}))
+# Prints the keys of every choices object our table extends, importing only ESPnet:
+# what the task modules hold then comes from the start-up hook alone.
+CHECK = f"""
+import importlib, json
+names = {sorted(registry.describe())!r}
+print(json.dumps({{
+    name: sorted(getattr(importlib.import_module(name.rsplit(".", 1)[0]),
+                         name.rsplit(".", 1)[1]).classes)
+    for name in names
+}}))
 """
 
 
@@ -25,11 +27,12 @@ def _last_json(proc):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_fresh_process_has_our_keys_without_importing_us():
+def test_fresh_process_has_every_row_of_the_table():
+    # encoders, decoders and the model, ASR and ST, without importing espnet_ext
     out = _last_json(run_python(CHECK))
-    assert "moe_conformer" in out["asr_encoder"]
-    assert "espnet_ext" in out["asr_model"]
-    assert "moe_conformer" in out["st_encoder"]
+    for name, keys in registry.describe().items():
+        assert set(keys) <= set(out[name]), name
+    assert "moe_transformer" in out["espnet2.tasks.asr.decoder_choices"]
 
 
 def test_spawned_worker_registers_too():
@@ -40,7 +43,8 @@ def child(q):
     q.put("moe_conformer" in a.encoder_choices.classes)
 if __name__ == "__main__":
     ctx = mp.get_context("spawn"); q = ctx.Queue()
-    p = ctx.Process(target=child, args=(q,)); p.start(); print(q.get(timeout=120)); p.join()
+    p = ctx.Process(target=child, args=(q,)); p.start()
+    print(q.get(timeout=120)); p.join()
 """
     # a spawned DDP worker is a fresh interpreter: the start-up hook must run there
     assert run_python(code).stdout.strip().splitlines()[-1] == "True"
@@ -48,20 +52,21 @@ if __name__ == "__main__":
 
 def test_opt_out_variable_disables_and_register_is_explicit_and_idempotent():
     code = CHECK + """
-import espnet_ext
+import espnet_ext, espnet2.tasks.asr as asr
 espnet_ext.register(); espnet_ext.register()
 print(json.dumps(sorted(asr.encoder_choices.classes).count("moe_conformer")))
 """
     lines = run_python(code, {"ESPNET_EXT_DISABLE": "1"}).stdout.strip().splitlines()
     before, after = json.loads(lines[-2]), json.loads(lines[-1])
-    assert "moe_conformer" not in before["asr_encoder"]
-    assert "espnet_ext" not in before["asr_model"]
+    assert "moe_conformer" not in before["espnet2.tasks.asr.encoder_choices"]
+    assert "espnet_ext" not in before["espnet2.tasks.asr.model_choices"]
     assert after == 1
 
 
 def test_interpreter_startup_imports_neither_torch_nor_espnet():
     out = run_python(
-        "import sys; print([m for m in ('torch', 'espnet2', 'espnet') if m in sys.modules])"
+        "import sys; "
+        "print([m for m in ('torch', 'espnet2', 'espnet') if m in sys.modules])"
     )
     assert out.stdout.strip() == "[]"
 
@@ -107,7 +112,10 @@ def test_unknown_name_error_lists_ours_and_suggests():
 
     with pytest.raises(
         ValueError,
-        match=r"espnet_ext provides --encoder: moe_conformer.*Did you mean: moe_conformer",
+        match=(
+            r"espnet_ext provides --encoder: moe_conformer.*"
+            r"Did you mean: moe_conformer"
+        ),
     ):
         asr.encoder_choices.get_class("moe_conformr")
 

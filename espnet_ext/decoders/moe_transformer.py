@@ -93,8 +93,9 @@ class MoETransformerDecoder(TransformerDecoder):
             moe_z_weight=moe_z_weight,
             aux_prefix="dec_",
         )
+        # DecoderLayer.forward(tgt, tgt_mask (B, L, L), memory, memory_mask, ...)
         install_moe_ffns(
-            self.decoders, make_moe, dense_block_idx, _token_mask, ("feed_forward",)
+            self.decoders, make_moe, dense_block_idx, "tgt_mask", ("feed_forward",)
         )
 
     def forward(
@@ -115,12 +116,3 @@ class MoETransformerDecoder(TransformerDecoder):
             return_hs=return_hs,
             return_all_hs=return_all_hs,
         )
-
-
-def _token_mask(args) -> Optional[torch.Tensor]:
-    """DecoderLayer args ``(tgt, tgt_mask (B, L, L), ...)`` -> (B, L) real tokens.
-
-    ESPnet's ``tgt_mask`` is padding & causal, so its last row is the padding mask.
-    """
-    mask = args[1] if len(args) > 1 else None
-    return mask[:, -1, :] if mask is not None and mask.dim() == 3 else None

@@ -135,7 +135,8 @@ class MoEConformerEncoder(ConformerEncoder):
             moe_z_weight=moe_z_weight,
             aux_prefix="enc_",
         )
-        install_moe_ffns(self.encoders, make_moe, dense_block_idx, _frame_mask)
+        # EncoderLayer.forward(x_input, mask (B, 1, T), cache=None)
+        install_moe_ffns(self.encoders, make_moe, dense_block_idx, "mask")
 
     def forward(
         self,
@@ -155,9 +156,3 @@ class MoEConformerEncoder(ConformerEncoder):
             ctc=ctc,
             return_all_hs=return_all_hs,
         )
-
-
-def _frame_mask(args) -> Optional[torch.Tensor]:
-    """EncoderLayer args ``(x, mask (B, 1, T), ...)`` -> (B, T) real-frame mask."""
-    mask = args[1] if len(args) > 1 else None
-    return mask[:, 0, :] if mask is not None and mask.dim() == 3 else None

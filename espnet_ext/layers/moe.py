@@ -2,13 +2,23 @@
 
 For a token ``x`` (size D) with router logits ``r = W_r x`` (no bias, fp32):
 
-    y = sum_{e in topk(r)} softmax(r[topk])_e * FFN_e(x)
+    y = sum_{e in topk(r)} w_e * FFN_e(x)
 
-as WeNet's ``MoEFFNLayer``: the softmax runs over the k selected logits only, and
-routing is dropless (no capacity, every token reaches its k experts). Each expert is
-ESPnet's own ``PositionwiseFeedForward``, so one expert with top-1 computes ESPnet's
-dense FFN (``swish`` as the same function in one kernel, see :func:`expert_activation`)
-and a dense checkpoint's FFN weights load into ``experts.0``.
+    k >= 2:  w = softmax(r[topk])          (WeNet's ``MoEFFNLayer``: over the k
+                                             selected logits only)
+    k == 1:  w_e = softmax(r)_e            (Switch Transformer: the full softmax's
+                                             probability of the chosen expert)
+
+A softmax over one selected logit is the constant 1, so with k = 1 the task loss
+would give the router no gradient at all; Switch's weight keeps it trained. Routing
+is dropless (no capacity, every token reaches its k experts). Each expert is ESPnet's
+own ``PositionwiseFeedForward``, so one expert with top-1 computes ESPnet's dense FFN
+(``swish`` as the same function in one kernel, see :func:`expert_activation`) and a
+dense checkpoint's FFN weights load into ``experts.0``.
+
+Precision: the router, the combination weights and the weighted k-way sum run in
+fp32 in every dispatch (also under autocast and for bf16/fp16 modules); only the
+experts run in the input's (or autocast's) dtype. The output has the input's dtype.
 
 *What* is computed (router + experts) is separate from *how* tokens are dispatched:
 ``impl`` selects a function from ``DISPATCH``; every implementation must give the same
@@ -27,12 +37,17 @@ from espnet_ext.layers.aux_loss import AuxRecorder
 
 __all__ = [
     "MoEFeedForward",
+    "ShareLayerMask",
     "DISPATCH",
     "dispatch_reference",
     "dispatch_sorted",
     "default_layout",
     "expert_activation",
     "sort_pairs",
+    "expert_counts",
+    "block_sizes",
+    "install_moe_ffns",
+    "moe_ffn_factory",
 ]
 
 
@@ -44,23 +59,54 @@ def dispatch_reference(
 ) -> torch.Tensor:
     """Plain per-expert loop; the behaviour every faster dispatch must match.
 
+    One host sync per expert (``torch.where`` is a ``nonzero``).
+
     Args:
         x: (N, D) tokens.
-        weights: (N, k) combination weights of the selected experts.
+        weights: (N, k) combination weights of the selected experts (fp32).
         indices: (N, k) selected expert ids.
         experts: E modules mapping (n, D) -> (n, D).
 
     Returns:
-        (N, D) weighted sum of each token's k expert outputs.
+        (N, D) in x's dtype: weighted sum of each token's k expert outputs, summed
+        in fp32.
     """
-    out = torch.zeros_like(x)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e, expert in enumerate(experts):
         token, slot = torch.where(indices == e)  # (n_e,), (n_e,)
         # An expert with no tokens still runs on 0 rows: its parameters stay in the
         # graph (zero gradients), so DDP needs no find_unused_parameters.
-        y = expert(x[token]) * weights[token, slot].unsqueeze(-1)  # (n_e, D)
-        out.index_add_(0, token, y.to(out.dtype))
-    return out
+        y = expert(x[token]).float() * weights[token, slot].float().unsqueeze(-1)
+        out.index_add_(0, token, y)  # (n_e, D) rows; a token at most once per expert
+    return out.to(x.dtype)
+
+
+def expert_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Routing slots per expert, on the device and without a host sync.
+
+    ``torch.bincount`` would synchronise on CUDA (it reads the maximum to size its
+    output); a ``scatter_add_`` into E zeros does not (integer adds: exact).
+
+    Args:
+        indices: (N, k) selected expert ids.
+        num_experts: E.
+
+    Returns:
+        (E,) int64 counts.
+    """
+    flat = indices.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def block_sizes(counts: torch.Tensor) -> List[int]:
+    """(E,) counts -> Python ints: THE host sync of :func:`dispatch_sorted`.
+
+    ``split`` needs its sizes on the host; every other step of the sorted dispatch
+    (and of the training statistics) stays on the device. Kept as its own function so
+    that tests can count the syncs.
+    """
+    return counts.tolist()
 
 
 def sort_pairs(
@@ -73,13 +119,14 @@ def sort_pairs(
         num_experts: E.
 
     Returns:
-        order (N*k,): pair ids (``token * k + slot``) grouped by expert, token order kept
-        within an expert; token (N*k,): the token of each sorted pair; counts: list of E
-        Python ints, the block sizes (the host sync: split sizes must be ints).
+        order (N*k,): pair ids (``token * k + slot``) grouped by expert, token order
+        kept within an expert; token (N*k,): the token of each sorted pair; counts:
+        list of E Python ints, the block sizes (:func:`block_sizes`, the one host
+        sync).
     """
     flat = indices.reshape(-1)  # (N*k,) expert of each (token, slot) pair
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    counts = block_sizes(expert_counts(indices, num_experts))
     return order, order // indices.size(1), counts
 
 
@@ -98,22 +145,27 @@ def dispatch_sorted(
     """Sorted dropless dispatch: one argsort, one host sync, one GEMM pair per expert.
 
     The N*k (token, slot) pairs are sorted by expert, so each expert's pairs form one
-    contiguous block, and the block sizes come to the host in one sync (a per-expert
-    ``torch.where`` loop pays one ``nonzero`` sync per expert). Each expert then runs
-    once on its block. Two layouts of the same computation:
+    contiguous block, and the block sizes come to the host in one sync
+    (:func:`block_sizes`; a per-expert ``torch.where`` loop pays one ``nonzero`` sync
+    per expert). Each expert then runs once on its block. Two layouts of the same
+    computation:
 
     - ``"gather"`` (default on accelerators): gather all N*k rows at once, run the
       experts on contiguous slices, un-sort with the inverse permutation (a gather; a
-      scatter is ~10x slower) and sum the k slots in one batched product. Few, large
-      kernels, and the sum is a fixed-order reduction (no atomics): deterministic on GPU.
-    - ``"stream"`` (default on CPU): gather, run and scatter-add one expert block at a
-      time. The N*k x D buffers of ``"gather"`` (4 MB at 2000 tokens, d=256, k=2)
-      outgrow the L2 cache; one expert's block stays in it (measured at 2000 tokens:
-      0.95x a dense FFN of the same active size, against 1.08-1.14x for ``"gather"``).
-      CPU ``index_add_`` is deterministic.
+      scatter is ~10x slower) and sum the k slots in fp32 in a fixed order. Few,
+      large kernels, and the forward has no atomics: bitwise reproducible on GPU. The
+      backward is not: the gradient of the row gather adds each token's k rows with
+      ``index_add`` (atomic adds on CUDA) unless
+      ``torch.use_deterministic_algorithms(True)`` picks PyTorch's deterministic kernel.
+    - ``"stream"`` (default on CPU): gather, run and add one expert block at a time
+      into an fp32 (N, D) sum. The N*k x D buffers of ``"gather"`` (4 MB at 2000
+      tokens, d=256, k=2) outgrow the L2 cache; one expert's block stays in it
+      (measured at 2000 tokens: 0.95x a dense FFN of the same active size, against
+      1.08-1.14x for ``"gather"``). Each ``index_add_`` has distinct rows (a token
+      meets an expert at most once), so it is reproducible on GPU as well.
 
     Experts with no rows still run on an empty block, keeping their parameters in the
-    graph (zero gradients) as the reference does.
+    graph (zero gradients) as the reference does. N = 0 tokens is fine.
 
     Args:
         x, weights, indices, experts: as :func:`dispatch_reference`.
@@ -121,7 +173,7 @@ def dispatch_sorted(
             ``x.device``.
 
     Returns:
-        (N, D), as :func:`dispatch_reference`.
+        (N, D) in x's dtype, as :func:`dispatch_reference`.
     """
     if layout is None:
         layout = default_layout(x.device)
@@ -129,26 +181,26 @@ def dispatch_sorted(
         raise ValueError(f"layout must be 'gather', 'stream' or None, got {layout!r}")
     n, k = indices.shape
     order, token, counts = sort_pairs(indices, len(experts))
+    pair_weights = weights.float().reshape(-1)  # (N*k,) in (token, slot) order
     if layout == "stream":
-        pair_weights = weights.reshape(-1)[order].unsqueeze(-1)  # (N*k, 1)
-        out = torch.zeros_like(x)
+        pair_weights = pair_weights.index_select(0, order).unsqueeze(-1)  # (N*k, 1)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for expert, tok, w in zip(
             experts, token.split(counts), pair_weights.split(counts)
         ):
-            out.index_add_(0, tok, (expert(x.index_select(0, tok)) * w).to(out.dtype))
-        return out
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    rows = x.index_select(0, token)  # (N*k, D)
+            out.index_add_(0, tok, expert(x.index_select(0, tok)).float() * w)
+        return out.to(x.dtype)
+    inverse = torch.empty_like(order).scatter_(
+        0, order, torch.arange(order.numel(), device=order.device)
+    )  # (N*k,) sorted position of each (token, slot) pair
+    rows = x.index_select(0, token)  # (N*k, D), sorted by expert
     ys = torch.cat(
         [expert(block) for expert, block in zip(experts, rows.split(counts))]
-    )
-    ys = ys.index_select(0, inverse).view(
-        n, k, -1
-    )  # (N, k, D), back in (token, slot) order
-    return (
-        torch.bmm(weights.unsqueeze(1).to(ys.dtype), ys).squeeze(1).to(x.dtype)
-    )  # (N, D)
+    )  # (N*k, D)
+    # Back in (token, slot) order: (N, k, D); D spelt out so that N = 0 works.
+    ys = ys.index_select(0, inverse).view(n, k, x.size(-1))
+    out = (ys.float() * pair_weights.view(n, k, 1)).sum(dim=1)  # (N, D) fp32
+    return out.to(x.dtype)
 
 
 DISPATCH: Dict[str, Callable[..., torch.Tensor]] = {
@@ -176,15 +228,17 @@ class MoEFeedForward(AuxRecorder, torch.nn.Module):
         aux_prefix: prefix of the aux loss and statistic names (``"enc_"``,
             ``"dec_"``), so encoder and decoder losses get their own weights.
 
-    Shapes: ``forward`` maps (..., D) -> (..., D).
+    Shapes: ``forward`` maps (..., D) -> (..., D); zero tokens are fine.
 
     Aux outputs (training mode only; see :mod:`espnet_ext.layers.aux_loss`): losses
-    ``<prefix>moe_balance`` and ``<prefix>moe_z``; statistics ``<prefix>moe_load_entropy`` (load
-    entropy / log E: 1 = uniform, 0 = collapse), ``<prefix>moe_load_max`` (busiest
-    expert's load x E: 1 = uniform) and ``<prefix>moe_frac_e<i>`` (fraction of routing
-    slots taken by expert i). If :meth:`set_token_mask` was given a (B, T) mask
-    for a (B, T, D) input, padded frames are left out of them; the outputs never
-    depend on the mask.
+    ``<prefix>moe_balance`` and ``<prefix>moe_z``; statistics
+    ``<prefix>moe_load_entropy`` (load entropy / log E: 1 = uniform, 0 = collapse),
+    ``<prefix>moe_load_max`` (busiest expert's load x E: 1 = uniform) and
+    ``<prefix>moe_frac_e<i>`` (fraction of routing slots taken by expert i). If
+    :meth:`set_token_mask` was given a (B, T) mask for a (B, T, D) input, padded
+    frames are left out of them; the outputs never depend on the mask. They are
+    computed on the device without host syncs, so a training forward with
+    ``impl="sorted"`` has exactly one host sync (:func:`block_sizes`).
     """
 
     def __init__(
@@ -227,7 +281,10 @@ class MoEFeedForward(AuxRecorder, torch.nn.Module):
         self._token_mask: Optional[torch.Tensor] = None
 
     def set_token_mask(self, mask: Optional[torch.Tensor]) -> None:
-        """(B, T) bool, True for real frames; used for aux losses/stats only."""
+        """(B, T) bool, True for real frames; used for aux losses/stats only.
+
+        It must match the next training input's (B, T, D) leading dimensions.
+        """
         self._token_mask = mask
 
     def route(self, x: torch.Tensor):
@@ -237,12 +294,17 @@ class MoEFeedForward(AuxRecorder, torch.nn.Module):
             x: (N, D).
 
         Returns:
-            logits (N, E) fp32, weights (N, k) in x's dtype, indices (N, k) int64.
+            logits (N, E) fp32, weights (N, k) fp32, indices (N, k) int64.
         """
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = torch.nn.functional.linear(x.float(), self.router.weight.float())
         top_logits, indices = logits.topk(self.top_k, dim=-1)
-        weights = top_logits.softmax(dim=-1).to(x.dtype)
+        if self.top_k == 1:
+            # Switch Transformer: the softmax over one selected logit is the
+            # constant 1, which would leave the router without gradient.
+            weights = logits.softmax(dim=-1).gather(-1, indices)
+        else:
+            weights = top_logits.softmax(dim=-1)
         return logits, weights, indices
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,34 +317,51 @@ class MoEFeedForward(AuxRecorder, torch.nn.Module):
         return out.view(shape)
 
     def _record_aux(self, logits: torch.Tensor, indices: torch.Tensor, shape) -> None:
+        """Balance and z-losses and load statistics of real (unmasked) tokens.
+
+        Padded tokens are weighted 0 rather than dropped by boolean indexing, and the
+        loads are counted with :func:`expert_counts`-style ``scatter_add_`` rather
+        than ``bincount``: both alternatives synchronise with the host on CUDA.
+
+        Args:
+            logits: (N, E) fp32 router logits.
+            indices: (N, k) selected experts.
+            shape: the input's shape (..., D); N = prod(shape[:-1]).
+        """
+        num_tokens, k, num_experts = logits.size(0), self.top_k, self.num_experts
         mask = self._token_mask
-        if mask is not None and mask.shape == shape[:-1]:
-            keep = mask.reshape(-1)
-            logits, indices = logits[keep], indices[keep]
-        n = max(logits.size(0), 1)
+        if mask is None:
+            keep = logits.new_ones(num_tokens)
+        elif tuple(mask.shape) == tuple(shape[:-1]):
+            keep = mask.reshape(-1).to(logits.dtype)  # (N,) 1.0 = real token
+        else:
+            raise ValueError(
+                f"token mask of shape {tuple(mask.shape)} does not match the MoE "
+                f"input of shape {tuple(shape)} (expected {tuple(shape[:-1])})"
+            )
+        n = keep.sum().clamp_min(1.0)  # real tokens, as a tensor: no host sync
+        slot_keep = keep.unsqueeze(1).expand(num_tokens, k).reshape(-1)  # (N*k,)
+        load = logits.new_zeros(num_experts).scatter_add_(
+            0, indices.reshape(-1), slot_keep
+        )  # (E,) real routing slots per expert
         # f_e: fraction of routing slots taken by expert e; P_e: mean router prob.
-        counts = torch.bincount(indices.reshape(-1), minlength=self.num_experts)
-        frac = counts.float() / (n * self.top_k)  # (E,)
-        prob = logits.softmax(dim=-1).mean(dim=0)  # (E,)
+        frac = load / (n * k)  # (E,)
+        prob = (logits.softmax(dim=-1) * keep.unsqueeze(1)).sum(dim=0) / n  # (E,)
         p = self.aux_prefix
         self.record_aux_loss(
             f"{p}moe_balance",
-            self.num_experts * (frac * prob).sum(),
+            num_experts * (frac * prob).sum(),
             self.balance_loss_weight,
         )
-        z = (
-            torch.logsumexp(logits, dim=-1).pow(2).mean()
-            if logits.numel()
-            else logits.sum()
-        )
+        z = (torch.logsumexp(logits, dim=-1).pow(2) * keep).sum() / n
         self.record_aux_loss(f"{p}moe_z", z, self.z_loss_weight)
         # Routing-collapse monitors: 1.0 = uniform load, 0.0 = one expert takes all.
         entropy = -(frac * frac.clamp_min(1e-9).log()).sum()
         self.record_aux_stat(
-            f"{p}moe_load_entropy", entropy / math.log(max(self.num_experts, 2))
+            f"{p}moe_load_entropy", entropy / math.log(max(num_experts, 2))
         )
-        self.record_aux_stat(f"{p}moe_load_max", frac.max() * self.num_experts)
-        for e in range(self.num_experts):
+        self.record_aux_stat(f"{p}moe_load_max", frac.max() * num_experts)
+        for e in range(num_experts):
             self.record_aux_stat(f"{p}moe_frac_e{e}", frac[e])
 
     def extra_repr(self) -> str:
@@ -342,11 +421,52 @@ def moe_ffn_factory(
     return make_moe
 
 
+class ShareLayerMask:
+    """Forward pre-hook of an ESPnet layer: hands its padding mask to its MoE FFNs.
+
+    ESPnet's ``EncoderLayer.forward(x, mask (B, 1, T), ...)`` and
+    ``DecoderLayer.forward(tgt, tgt_mask (B, L, L), ...)`` both take the mask as the
+    second argument; it is read positionally or by keyword. Its last query row is
+    the (B, T) padding mask (for the decoder's causal ``tgt_mask`` too: the last
+    position sees every real token). Without a mask the statistics would silently
+    include padding, so a layer in training mode called without one raises.
+
+    A small class rather than a closure: ``torch.save(model)`` must pickle hooks.
+
+    Args:
+        mask_arg: the layer's keyword name of the mask (``"mask"``, ``"tgt_mask"``).
+        attrs: the layer attributes holding FFNs.
+    """
+
+    def __init__(self, mask_arg: str, attrs: Sequence[str]):
+        self.mask_arg = mask_arg
+        self.attrs = tuple(attrs)
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = args[1] if len(args) > 1 else kwargs.get(self.mask_arg)
+        if mask is not None and mask.dim() == 3:
+            frames = mask[:, -1, :]  # (B, T) True = real frame/token
+        elif module.training:
+            got = "none" if mask is None else f"shape {tuple(mask.shape)}"
+            raise ValueError(
+                f"{type(module).__name__} in training mode needs its mask "
+                f"{self.mask_arg!r} (2nd positional or keyword argument) of shape "
+                f"(B, T_query, T), got {got}: MoE routing statistics use it to leave "
+                f"padding out"
+            )
+        else:
+            frames = None  # nothing is recorded outside training
+        for attr in self.attrs:
+            ffn = getattr(module, attr, None)
+            if isinstance(ffn, MoEFeedForward):
+                ffn.set_token_mask(frames)
+
+
 def install_moe_ffns(
     layers: Sequence[torch.nn.Module],
     make_moe: Callable[[], MoEFeedForward],
     dense_block_idx: Sequence[int],
-    frame_mask: Callable[[tuple], Optional[torch.Tensor]],
+    mask_arg: str,
     attrs: Sequence[str] = ("feed_forward", "feed_forward_macaron"),
 ) -> None:
     """Swap the FFN modules of ESPnet layers for MoE ones, in place.
@@ -359,8 +479,8 @@ def install_moe_ffns(
         layers: the layer stack (``encoders`` / ``decoders``).
         make_moe: builds one MoE FFN.
         dense_block_idx: 1-based blocks to leave dense (ESPnet's convention).
-        frame_mask: maps a layer's forward args to a (B, T) bool mask of real frames,
-            given to the MoE FFNs for their aux losses and statistics only.
+        mask_arg: keyword name of the layers' mask argument (their 2nd argument),
+            see :class:`ShareLayerMask`.
         attrs: the FFN attributes to replace when present and not ``None``.
     """
     bad = [i for i in dense_block_idx if not 1 <= i <= len(layers)]
@@ -372,12 +492,6 @@ def install_moe_ffns(
         for attr in attrs:
             if getattr(layer, attr, None) is not None:
                 setattr(layer, attr, make_moe())
-
-        def share_mask(module, args, _attrs=tuple(attrs)):
-            mask = frame_mask(args)
-            for attr in _attrs:
-                ffn = getattr(module, attr, None)
-                if isinstance(ffn, MoEFeedForward):
-                    ffn.set_token_mask(mask)
-
-        layer.register_forward_pre_hook(share_mask)
+        layer.register_forward_pre_hook(
+            ShareLayerMask(mask_arg, attrs), with_kwargs=True
+        )

@@ -1,5 +1,6 @@
 """moe_conformer: ESPnet's conformer with MoE FFNs, same skeleton and YAML keys."""
 
+import io
 import warnings
 
 import pytest
@@ -51,7 +52,8 @@ def test_one_expert_equals_espnet_conformer_with_same_weights():
     xs, ilens = _inputs()
     ref, ref_lens, _ = dense(xs, ilens)
     out, out_lens, _ = moe(xs, ilens)
-    # Equal to float rounding: the experts compute swish as SiLU, ESPnet as x*sigmoid(x).
+    # Equal to float rounding: the experts compute swish as SiLU, ESPnet as
+    # x * sigmoid(x).
     torch.testing.assert_close(out, ref)
     assert torch.equal(out_lens, ref_lens)
 
@@ -60,10 +62,10 @@ def test_every_ffn_is_moe_except_dense_blocks():
     enc = MoEConformerEncoder(**{**CONF, "num_blocks": 3}, dense_block_idx=[2])
     kinds = [
         (
-            isinstance(l.feed_forward, MoEFeedForward),
-            isinstance(l.feed_forward_macaron, MoEFeedForward),
+            isinstance(layer.feed_forward, MoEFeedForward),
+            isinstance(layer.feed_forward_macaron, MoEFeedForward),
         )
-        for l in enc.encoders
+        for layer in enc.encoders
     ]
     assert kinds == [(True, True), (False, False), (True, True)]
 
@@ -98,6 +100,24 @@ def test_aux_records_do_not_pile_up_across_forwards():
     ffn = enc.encoders[0].feed_forward
     # one forward: 2 losses + load entropy + load max + one fraction per expert
     assert len(ffn._aux_buffer()) == 4 + ffn.num_experts
+
+
+def test_whole_encoder_survives_torch_save_and_load():
+    enc = MoEConformerEncoder(**CONF).eval()
+    buf = io.BytesIO()
+    torch.save(enc, buf)  # the layers' mask hooks must pickle
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    xs, ilens = _inputs()
+    torch.testing.assert_close(loaded(xs, ilens)[0], enc(xs, ilens)[0], rtol=0, atol=0)
+
+
+def test_training_layer_called_without_its_mask_raises():
+    enc = MoEConformerEncoder(**CONF).train()
+    x = torch.randn(2, 6, CONF["output_size"])
+    pos = enc.embed.out[1](x)  # (x, pos_emb) as the layers receive them
+    with pytest.raises(ValueError, match="needs its mask 'mask'"):
+        enc.encoders[0](pos, None)
 
 
 @pytest.mark.parametrize(

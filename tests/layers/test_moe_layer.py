@@ -2,13 +2,16 @@
 
 import functools
 import math
+import warnings
 
 import pytest
 import torch
 from espnet.nets.pytorch_backend.transformer.positionwise_feed_forward import (
     PositionwiseFeedForward,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from espnet_ext.layers import moe as moe_module
 from espnet_ext.layers.aux_loss import collect_aux
 from espnet_ext.layers.moe import DISPATCH, MoEFeedForward, dispatch_sorted
 
@@ -73,7 +76,8 @@ def test_one_expert_top1_equals_espnet_dense_ffn():
     out_m, gx_m, g_m = _grads(moe, x, moe)
     torch.testing.assert_close(out_m, out_d, rtol=0, atol=0)
     torch.testing.assert_close(gx_m, gx_d, rtol=0, atol=0)
-    assert g_m["router.weight"].abs().sum() == 0  # softmax over one logit is constant
+    # one expert: its weight is the constant 1, nothing for the router to learn
+    assert g_m["router.weight"].abs().sum() == 0
 
 
 @pytest.mark.parametrize("impl", sorted(VARIANTS))
@@ -192,3 +196,150 @@ def test_unknown_sorted_layout_raises():
     _, weights, indices = moe.route(x)
     with pytest.raises(ValueError, match="layout"):
         dispatch_sorted(x, weights, indices, moe.experts, layout="scatter")
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 4])
+def test_task_loss_trains_the_router_for_every_top_k(top_k):
+    moe = _moe(top_k=top_k)
+    _, _, g = _grads(moe, torch.randn(6, D), moe)
+    assert g["router.weight"].abs().sum() > 0
+
+
+def test_top1_weight_is_the_full_softmax_probability_of_the_chosen_expert():
+    moe = _moe(top_k=1)
+    logits, weights, indices = moe.route(torch.randn(5, D))
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(weights[:, 0], probs.max(-1).values)
+    assert torch.equal(indices[:, 0], probs.argmax(-1))
+
+
+@pytest.mark.parametrize("impl", sorted(VARIANTS))
+@pytest.mark.parametrize("shape", [(0, D), (2, 0, D)])
+def test_empty_input_gives_empty_output_and_finite_aux(impl, shape):
+    moe = _moe(impl).train()
+    x = torch.randn(*shape, requires_grad=True)
+    out = moe(x)
+    out.sum().backward()
+    aux = collect_aux(moe)
+    assert out.shape == shape and x.grad.shape == shape
+    assert all(torch.isfinite(v) for v in [*aux.losses.values(), *aux.stats.values()])
+
+
+@pytest.mark.parametrize("impl", sorted(VARIANTS))
+def test_autocast_output_matches_reference_under_bf16(impl):
+    # The weighted k-way sum runs in fp32 in every dispatch; only the experts run in
+    # bf16, on the same rows, so every dispatch gives the reference's result.
+    ref = _moe("reference")
+    fast = _moe(impl)
+    x = torch.randn(3, 11, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_r, out_f = ref(x), fast(x)
+    assert out_f.dtype == torch.float32
+    torch.testing.assert_close(out_f, out_r)
+
+
+# Ops that make the host wait for a CUDA device: data-dependent output sizes
+# (nonzero, boolean indexing, unique, bincount, tensor repeat_interleave) or a value
+# read back (item / _local_scalar_dense, is_nonzero, equal).
+_SYNCING_OPS = {
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::bincount",
+    "aten::_unique2",
+    "aten::unique_consecutive",
+    "aten::unique_dim",
+    "aten::_local_scalar_dense",
+    "aten::is_nonzero",
+    "aten::equal",
+    "aten::repeat_interleave",
+}
+
+
+class _SyncingOps(TorchDispatchMode):
+    """Records the ops below autograd that would synchronise on CUDA."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        bool_index = name in ("aten::index", "aten::index_put", "aten::index_put_")
+        if name in _SYNCING_OPS or (
+            bool_index
+            and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                for i in (args[1] or ())
+            )
+        ):
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _count_syncs(moe, x, monkeypatch):
+    """(syncing aten ops, block_sizes calls) in one training forward and backward."""
+    calls = []
+
+    def counting_block_sizes(counts):
+        calls.append(counts.shape)
+        return counts.tolist()
+
+    monkeypatch.setattr(moe_module, "block_sizes", counting_block_sizes)
+    with _SyncingOps() as mode:
+        moe(x).sum().backward()
+    return mode.found, len(calls)
+
+
+@pytest.mark.parametrize("impl", ["sorted", "sorted[gather]", "sorted[stream]"])
+def test_sorted_training_step_has_one_host_sync(impl, monkeypatch):
+    moe = _moe(impl).train()
+    moe.set_token_mask(torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool))
+    ops, block_size_syncs = _count_syncs(
+        moe, torch.randn(2, 4, D, requires_grad=True), monkeypatch
+    )
+    assert ops == [] and block_size_syncs == 1
+
+
+def test_sync_counter_sees_the_reference_loops_nonzero_per_expert(monkeypatch):
+    ops, _ = _count_syncs(_moe("reference").eval(), torch.randn(5, D), monkeypatch)
+    assert ops == ["aten::nonzero"] * E
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sorted_training_forward_has_one_cuda_sync():
+    moe = _moe("sorted").cuda().train()
+    x = torch.randn(2, 7, D, device="cuda")
+    moe.set_token_mask(torch.ones(2, 7, dtype=torch.bool, device="cuda"))
+    moe(x)  # warm-up: one-time initialisation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            moe(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+
+
+def test_data_parallel_replicas_keep_their_own_aux_records():
+    # nn.DataParallel builds replicas with _replicate_for_data_parallel, which copies
+    # __dict__ shallowly; a record list kept there would be shared by all replicas
+    # once the original module has one (any direct forward creates it, e.g.
+    # ESPnet's attention plots run the unreplicated model).
+    moe = _moe().train()
+    moe(torch.randn(3, D))
+    collect_aux(moe)
+    first, second = (moe._replicate_for_data_parallel() for _ in range(2))
+    first._parameters = second._parameters = dict(moe._parameters)
+    first(torch.randn(3, D))
+    assert len(first._aux_buffer()) > 0
+    assert second._aux_buffer() == [] and moe._aux_buffer() == []
+
+
+def test_mismatched_token_mask_is_an_error_in_training():
+    moe = _moe().train()
+    moe.set_token_mask(torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"token mask of shape \(2, 5\)"):
+        moe(torch.randn(2, 4, D))

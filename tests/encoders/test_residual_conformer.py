@@ -334,3 +334,29 @@ def test_shipped_config_encoder_is_at_most_040_of_the_dense_one(config):
     dense = ConformerEncoder(n_mels, **dense_conf)
     assert n_params(res) <= 0.40 * n_params(dense), n_params(res) / n_params(dense)
     assert Path(REPO / config).is_file()
+
+
+def test_data_parallel_replica_uses_its_own_shared_weights(monkeypatch):
+    """nn.DataParallel (ESPnet with ngpu > 1 without DDP) replicates modules by
+    copying their __dict__; the layers must then use the replica's shared weights.
+    torch's own replicate() runs here on CPU with a cloning stand-in for the CUDA
+    broadcast."""
+    import importlib
+
+    replicate = importlib.import_module("torch.nn.parallel.replicate")
+
+    def clone_to(tensors, devices, detach=False):
+        return [
+            [t.detach().clone() if detach else t.clone() for t in tensors]
+            for _ in devices
+        ]
+
+    monkeypatch.setattr(replicate, "_broadcast_coalesced_reshape", clone_to)
+    monkeypatch.setattr(replicate, "_get_device_index", lambda d, optional=False: d)
+    enc = _build()
+    replica = replicate.replicate(enc, [0, 1])[1]
+    replica(*_inputs())[0].sum().backward()
+    bank = replica.residual_shared.self_attn.linear_q
+    assert all(b.self_attn.linear_q.shared is bank[0] for b in replica.encoders)
+    assert bank[0] is not enc.residual_shared.self_attn.linear_q[0]
+    assert enc.residual_shared.self_attn.linear_q[0].weight.grad is not None

@@ -234,7 +234,10 @@ class ResidualLinear(torch.nn.Module):
     def _merged_weight(self) -> torch.Tensor:
         key = self._cache_key()
         if self._merged is None or self._merged[0] != key:
-            with torch.no_grad():
+            # a normal tensor even under torch.inference_mode: an inference tensor
+            # could not be saved for backward by a later eval forward that needs
+            # gradients for its input only (frozen parameters)
+            with torch.inference_mode(False), torch.no_grad():
                 w = effective_weight(*self._sources())
                 # contiguous copy even when W is W_shared itself (rank 0, no diagonal):
                 # the cache must not alias a parameter

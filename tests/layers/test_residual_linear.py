@@ -252,3 +252,13 @@ def test_svd_init_error_is_the_dropped_singular_values_of_each_residual():
         err = (layer.effective_weight() - w).double().norm()
         torch.testing.assert_close(err, tail.norm(), rtol=1e-4, atol=1e-5)
         assert torch.equal(layer.diag, torch.zeros_like(layer.diag))
+
+
+def test_weight_merged_under_inference_mode_serves_input_gradients_later():
+    layer = _layer().eval().requires_grad_(False)  # frozen: merged even with grad on
+    x = torch.randn(5, layer.in_features)  # (N, in): F.linear saves the weight
+    with torch.inference_mode():
+        layer(x)
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    assert layer.merged and x.grad is not None

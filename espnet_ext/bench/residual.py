@@ -14,7 +14,8 @@ residual encoder and ESPnet's dense ``ConformerEncoder`` from the same ``encoder
    (automatic in eval) and, for context, ``residual`` with ``auto_merge`` off (the
    effective weights rebuilt from the factors on every call). Candidates are
    interleaved round-robin with the order rotated each round (shared, noisy machines);
-   RTF = median seconds per pass / audio seconds. The decoder and beam search are the
+   RTF = median seconds per pass / audio seconds; the ratio to dense is the median of
+   the per-round ratios. The decoder and beam search are the
    same modules in both models, so a whole-model RTF differs only by this encoder time.
 
 Writes a Markdown report to ``--out`` (default ``bench_results/residual.md``).
@@ -23,15 +24,14 @@ Writes a Markdown report to ``--out`` (default ``bench_results/residual.md``).
 import argparse
 import io
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 import yaml
-
-from espnet_ext.bench.moe import _time_round_robin
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = (
@@ -106,6 +106,33 @@ def real_utterances(corpus: Path, n_utts: int, frontend_conf: dict):
     return feats, seconds
 
 
+def time_paired(fns: Dict[str, Callable[[], object]], repeats: int, base: str):
+    """Per round, every candidate once (order rotated each round); returns each
+    candidate's median seconds and the median and quartiles over rounds of its
+    time / ``base``'s time in the same round. Paired ratios cancel the slow drifts of
+    a shared machine better than a ratio of medians."""
+    for fn in fns.values():  # warm-up (first-call allocations, the merge)
+        fn()
+    names = list(fns)
+    samples: Dict[str, List[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            samples[name].append(time.perf_counter() - start)
+    out = {}
+    for k in names:
+        ratios = sorted(a / b for a, b in zip(samples[k], samples[base]))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        out[k] = {
+            "median_s": statistics.median(samples[k]),
+            "ratio": statistics.median(ratios),
+            "ratio_q1": q[0],
+            "ratio_q3": q[-1],
+        }
+    return out
+
+
 def _set_auto_merge(encoder, on: bool) -> None:
     for layer in encoder.residual_layers():
         layer.auto_merge = on
@@ -163,8 +190,8 @@ def bench_config(
                 )
         if not residual.merged:
             raise RuntimeError("the residual encoder did not run merged in eval mode")
-        t = _time_round_robin(
-            {k: (lambda e=e: run(e)) for k, e in encs.items()}, repeats
+        t = time_paired(
+            {k: (lambda e=e: run(e)) for k, e in encs.items()}, repeats, "dense"
         )
     merged_bytes = sum(
         layer._merged[1].numel() * layer._merged[1].element_size()
@@ -174,7 +201,9 @@ def bench_config(
         audio_seconds=seconds,
         utterances=len(utts),
         merged_cache_mb=merged_bytes / 2**20,
-        **{f"{k}_rtf": v / seconds for k, v in t.items()},
+        **{f"{k}_rtf": v["median_s"] / seconds for k, v in t.items()},
+        **{f"{k}_ratio": v for k, v in t.items()},
+        repeats=repeats,
     )
     return out
 
@@ -201,13 +230,12 @@ def render(device: str, threads: int, rows: List[dict]) -> str:
             f"{r['utterances']} real utterances ({r['audio_seconds']:.1f} s)",
             "",
             "| encoder | params (M) | params / dense | checkpoint (MB) "
-            "| checkpoint / dense | RTF | RTF / dense |",
+            "| checkpoint / dense | RTF | RTF / dense [q1, q3] |",
             "|---|---|---|---|---|---|---|",
         ]
-        d_rtf = r["dense_rtf"]
         lines.append(
             f"| dense conformer | {r['dense_params'] / 1e6:.3f} | 1 "
-            f"| {r['dense_bytes'] / 2**20:.2f} | 1 | {d_rtf:.4f} | 1 |"
+            f"| {r['dense_bytes'] / 2**20:.2f} | 1 | {r['dense_rtf']:.4f} | 1 |"
         )
         p_ratio = r["residual_params"] / r["dense_params"]
         b_ratio = r["residual_bytes"] / r["dense_bytes"]
@@ -215,12 +243,17 @@ def render(device: str, threads: int, rows: List[dict]) -> str:
             ("residual_merged", "residual, merged (decoding)"),
             ("residual_unmerged", "residual, unmerged (auto_merge off)"),
         ):
+            q = r[k + "_ratio"]
             lines.append(
                 f"| {name} | {r['residual_params'] / 1e6:.3f} | {p_ratio:.3f} "
                 f"| {r['residual_bytes'] / 2**20:.2f} | {b_ratio:.3f} "
-                f"| {r[k + '_rtf']:.4f} | {r[k + '_rtf'] / d_rtf:.3f} |"
+                f"| {r[k + '_rtf']:.4f} | {q['ratio']:.3f} "
+                f"[{q['ratio_q1']:.3f}, {q['ratio_q3']:.3f}] |"
             )
         lines += [
+            "",
+            f"RTF / dense: median over {r['repeats']} rounds of the time ratio within "
+            "a round, quartiles in brackets.",
             "",
             f"Parameter formula (checked against the count): `{r['formula']}`.",
             "",
@@ -237,7 +270,7 @@ def main(argv=None) -> None:
     )
     p.add_argument("--configs", type=Path, nargs="+", default=None)
     p.add_argument("--threads", type=int, default=1, help="asr.sh decodes with 1")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--utterances", type=int, default=16)
     p.add_argument(
         "--corpus",

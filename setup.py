@@ -74,6 +74,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    license_files=["LICENSE"],
+    classifiers=[
+        "License :: OSI Approved :: Apache Software License",
+        "Programming Language :: Python :: 3",
+        "Topic :: Multimedia :: Sound/Audio :: Speech",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     python_requires=">=3.9",
     packages=find_packages(include=["espnet_ext", "espnet_ext.*"]),
     install_requires=[
@@ -91,8 +98,18 @@ setup(
         # ESPnet's asr.sh stage 3 (format_wav_scp.py) needs resampy; espnet does not
         # install it.
         "recipe": ["resampy>=0.4"],
-        # python -m espnet_ext.bench moe adds Hugging Face's Mixtral block as a baseline.
+        # python -m espnet_ext.bench moe adds Hugging Face's Mixtral block as a
+        # baseline.
         "bench": ["transformers>=4.36"],
+        # ESPnet's formatters and linters (.pre-commit-config.yaml, setup.cfg); .ci/run
+        # runs them before the tests. constraints.txt pins the tested versions.
+        "lint": [
+            "black>=24",
+            "isort>=5.12",
+            "flake8>=7",
+            "pre-commit>=3",
+            "pre-commit-hooks>=4",
+        ],
     },
     cmdclass={
         "build_py": BuildPyWithStartupFiles,

@@ -139,8 +139,9 @@ def register_into(module) -> None:
         for base in _required_bases(task, e.choices, choices):
             if not issubclass(cls, base):
                 raise ValueError(
-                    f"{e.class_path} must subclass {base.__module__}.{base.__qualname__} "
-                    f"to be registered as {task}.{e.choices}[{e.key!r}]"
+                    f"{e.class_path} must subclass "
+                    f"{base.__module__}.{base.__qualname__} to be registered as "
+                    f"{task}.{e.choices}[{e.key!r}]"
                 )
         choices.classes[e.key] = cls
         _install_hint(choices, task, e.choices)

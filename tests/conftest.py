@@ -18,7 +18,7 @@ def shared_data_root() -> Path:
 
 @pytest.fixture(scope="session")
 def speechocean() -> Path:
-    """The speechocean762 corpus (Kaldi lists + FLAC); skip (fail under CI) if absent."""
+    """The speechocean762 corpus (Kaldi lists + FLAC); skip (CI: fail) if absent."""
     corpus = shared_data_root() / "speechocean762"
     if not (corpus / "train" / "wav.scp").exists():
         reason = (

@@ -74,7 +74,7 @@ def _default_sorted(device: str) -> str:
 def _dispatch_fn(
     moe: MoEFeedForward, name: str
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``moe`` as a function of (N, D) tokens, dispatching with the candidate ``name``."""
+    """``moe`` as a function of (N, D) tokens, dispatched by the candidate ``name``."""
     if name.startswith("sorted["):
         layout = name[len("sorted[") : -1]
 
@@ -94,8 +94,9 @@ def _mixtral_block(device: str):
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     except ImportError:
         return None
-    # Mixtral experts are SwiGLU (three D x F' matrices, ours two D x F): F' = 2F/3 gives
-    # the same parameters and FLOPs per expert, so the ratios compare dispatch, not size.
+    # Mixtral experts are SwiGLU (three D x F' matrices, ours two D x F): F' = 2F/3
+    # gives the same parameters and FLOPs per expert, so the ratios compare dispatch,
+    # not size.
     cfg = MixtralConfig(
         hidden_size=D,
         intermediate_size=round(2 * F / 3),
@@ -107,8 +108,9 @@ def _mixtral_block(device: str):
         # has no model to set it, so name the default eager loop explicitly.
         cfg._experts_implementation = "eager"
     block = MixtralSparseMoeBlock(cfg).eval()
-    # transformers 5 allocates these with torch.empty (a model's post_init fills them): an
-    # uninitialised router sends every token to the same experts and fakes a fast block.
+    # transformers 5 allocates these with torch.empty (a model's post_init fills
+    # them): an uninitialised router sends every token to the same experts and fakes
+    # a fast block.
     gen = torch.Generator().manual_seed(0)  # own generator: leave the global RNG alone
     for param in block.parameters():
         torch.nn.init.normal_(param, std=0.02, generator=gen)
@@ -259,7 +261,8 @@ def _real_features(corpus: Path, n_utts: int):
 
     lines = (corpus / "dev" / "wav.scp").read_text().splitlines()[:n_utts]
     waves = [
-        torch.tensor(sf.read(corpus / l.split()[1], dtype="float32")[0]) for l in lines
+        torch.tensor(sf.read(corpus / ln.split()[1], dtype="float32")[0])
+        for ln in lines
     ]
     lens = torch.tensor([len(w) for w in waves])
     pad = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
@@ -368,7 +371,8 @@ def render(device: str, threads: int, layer_rows: List[dict], enc: dict) -> str:
     lines = [
         f"# MoE benchmark ({device}, {threads} threads, {versions})",
         "",
-        f"## Layer: d={D}, f={F}, E={E}, top-{K}; time / dense FFN with hidden k*f={K * F}",
+        f"## Layer: d={D}, f={F}, E={E}, top-{K}; "
+        f"time / dense FFN with hidden k*f={K * F}",
         "",
         f"`moe_impl: sorted` runs `{ours}` on {device}. `floor`: the experts alone on "
         "pre-sorted rows (no routing, gather or sum), the bound for any dispatch. "
@@ -407,7 +411,8 @@ def render(device: str, threads: int, layer_rows: List[dict], enc: dict) -> str:
         lines += [
             "",
             f"## Encoder: {enc['num_blocks']}-block conformer, d={D}, f={F}, "
-            f"{enc['utterances']} real utterances ({enc['audio_seconds']:.1f} s) in one batch",
+            f"{enc['utterances']} real utterances ({enc['audio_seconds']:.1f} s) "
+            "in one batch",
             "",
             "| encoder | params (M) | RTF | peak MB | GFLOPs |",
             "|---|---|---|---|---|",
@@ -463,7 +468,8 @@ def main(argv=None) -> None:
         if not args.skip_encoder:
             if not (args.corpus / "dev" / "wav.scp").exists():
                 sys.exit(
-                    f"real speech not found at {args.corpus}; pass --corpus or --skip_encoder"
+                    f"real speech not found at {args.corpus}; "
+                    "pass --corpus or --skip_encoder"
                 )
             print(f"[bench moe] encoder RTF on {device} ...", flush=True)
             enc = encoder_bench(
@@ -476,7 +482,7 @@ def main(argv=None) -> None:
         report += render(device, args.threads, rows, enc) + "\n"
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    args.out.write_text(report.rstrip() + "\n")
     print(f"[bench moe] written to {args.out}")
 
 

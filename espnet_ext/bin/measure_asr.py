@@ -8,7 +8,8 @@ torch threads. RTF = decoding seconds / audio seconds.
 Example::
 
     python -m espnet_ext.bin.measure_asr --asr_train_config exp/asr/config.yaml \\
-        --asr_model_file exp/asr/valid.acc.ave.pth --inference_config conf/decode_asr.yaml \\
+        --asr_model_file exp/asr/valid.acc.ave.pth \\
+        --inference_config conf/decode_asr.yaml \\
         --data_dir data/test --output report.json
 """
 

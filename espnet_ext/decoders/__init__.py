@@ -1,1 +1,2 @@
-"""espnet_ext decoders (AbsDecoder subclasses), registered by :mod:`espnet_ext.registry`."""
+"""espnet_ext decoders (AbsDecoder subclasses), registered by
+:mod:`espnet_ext.registry`."""

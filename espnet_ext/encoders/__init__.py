@@ -1,1 +1,2 @@
-"""espnet_ext encoders (AbsEncoder subclasses), registered by :mod:`espnet_ext.registry`."""
+"""espnet_ext encoders (AbsEncoder subclasses), registered by
+:mod:`espnet_ext.registry`."""

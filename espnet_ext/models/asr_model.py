@@ -141,7 +141,7 @@ class ESPnetExtASRModel(ESPnetASRModel):
         return loss, stats, weight
 
     def _check_aux_names(self, reported: Dict[str, torch.Tensor]) -> None:
-        """A configured weight for a loss nobody reports is a typo: fail loudly, once."""
+        """A weight configured for a loss nobody reports is a typo: fail, once."""
         if self._aux_names_checked or not self.training:
             return
         unknown = sorted(set(self.aux_loss_weights) - set(reported))

@@ -15,9 +15,10 @@ pytestmark = pytest.mark.slow
 
 
 def _batch(corpus, n=6):
-    wav = [l.split() for l in (corpus / "train/wav.scp").read_text().splitlines()[:n]]
+    lines = (corpus / "train/wav.scp").read_text().splitlines()[:n]
+    wav = [ln.split() for ln in lines]
     text = dict(
-        l.split(" ", 1) for l in (corpus / "train/text").read_text().splitlines()
+        ln.split(" ", 1) for ln in (corpus / "train/text").read_text().splitlines()
     )
     chars = sorted({c for k, _ in wav for c in text[k]})
     tokens = ["<blank>", "<unk>", *chars, "<sos/eos>"]

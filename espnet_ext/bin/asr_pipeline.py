@@ -8,7 +8,9 @@ Stages (asr.sh numbering in brackets):
   stats   [10]   ``asr_train --collect_stats true`` + ``aggregate_stats_dirs``
   train   [11]   ``asr_train``
   decode  [12]   ``asr_inference`` on every test set
-  score   [13]   WER and CER (edit distance; asr.sh uses sclite, same counts)
+  score   [13]   WER and CER as asr.sh: ESPnet's word/char tokens (a space is a
+                 ``<space>`` token), sclite if installed, else the same alignment
+                 in Python (:mod:`espnet_ext.bin.scoring`)
   report  [-]    parameters, checkpoint size, decoding RTF -> ``results.json``
   pack    [14]   ``espnet2.bin.pack asr``
 
@@ -113,21 +115,7 @@ def _data_args(prefix: str, data_dir: Path) -> List[str]:
     ]
 
 
-def word_error_counts(ref: Dict[str, str], hyp: Dict[str, str], unit: str):
-    """Summed edit distance and reference length over ``ref``'s utterances."""
-    import editdistance
-
-    errors = length = 0
-    for k, r in ref.items():
-        h = hyp.get(k, "")
-        r_tok = r.split() if unit == "word" else list(r.replace(" ", ""))
-        h_tok = h.split() if unit == "word" else list(h.replace(" ", ""))
-        errors += editdistance.eval(r_tok, h_tok)
-        length += len(r_tok)
-    return errors, length
-
-
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -169,7 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
 
     exp = args.exp_dir
     data = exp / "data"
-    # Sets keep their directory names (train, dev, test...), as under asr.sh's dump/raw/.
+    # Sets keep their directory names (train, dev, test...), as under asr.sh's
+    # dump/raw/.
     names = [
         args.train_dir.name,
         args.valid_dir.name,
@@ -199,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
         "--g2p",
         "none",
     ]
-    results: Dict[str, Dict[str, float]] = {}
+    results: Dict[str, Dict[str, object]] = {}
 
     if "data" in args.stages:
         n = prepare_data_dir(args.train_dir, train_set, args.max_train_utts)
@@ -365,16 +354,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
             )
 
     if "score" in args.stages:
+        from espnet_ext.bin.scoring import score_set
+
         for name in [valid_set.name, *tests]:
-            ref = read_kaldi(data / name / "text")
-            hyp = read_kaldi(decode_root / name / "1best_recog" / "text")
-            res = {}
-            for unit in ("word", "char"):
-                err, n = word_error_counts(ref, hyp, unit)
-                res["wer" if unit == "word" else "cer"] = 100.0 * err / max(n, 1)
+            res = score_set(
+                data / name / "text",
+                decode_root / name / "1best_recog" / "text",
+                data / name / "utt2spk",
+                decode_root / name,
+            )
             results[name] = res
+            n_utts = len(read_kaldi(data / name / "text"))
             _log(
-                f"{name}: WER {res['wer']:.1f}%  CER {res['cer']:.1f}%  ({len(ref)} utts)"
+                f"{name}: WER {res['wer']:.1f}%  CER {res['cer']:.1f}%  "
+                f"({n_utts} utts, {res['scorer']})"
             )
         (decode_root / "scores.json").write_text(json.dumps(results, indent=2))
 
@@ -419,9 +412,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
         )
         report["asr_config"] = str(args.asr_config)
         (exp / "results.json").write_text(json.dumps(report, indent=2))
+        params, enc_params = report["params"] / 1e6, report["encoder_params"] / 1e6
         _log(
-            f"report: {report['params'] / 1e6:.2f}M params ({report['encoder_params'] / 1e6:.2f}M "
-            f"encoder), {report['checkpoint_mb']:.1f} MB, decoding RTF {report['rtf']:.3f} -> "
+            f"report: {params:.2f}M params ({enc_params:.2f}M encoder), "
+            f"{report['checkpoint_mb']:.1f} MB, decoding RTF {report['rtf']:.3f} -> "
             f"{exp / 'results.json'}"
         )
 

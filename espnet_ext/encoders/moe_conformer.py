@@ -28,7 +28,8 @@ class MoEConformerEncoder(ConformerEncoder):
 
     Args: every ``ConformerEncoder`` argument, with the same meaning, plus
         num_experts: experts per MoE layer (paper: 8).
-        top_k: experts per token (paper: 2).
+        top_k: experts per token (paper: 2); with 1, a token is weighted by the
+            full softmax probability of its expert (Switch Transformer).
         expert_units: hidden size of each expert; ``None`` = ``linear_units``
             (paper: each expert is the size of the dense FFN).
         moe_impl: dispatch implementation, ``"sorted"`` (fast) or ``"reference"``

@@ -214,8 +214,9 @@ def _first_utterance(exp: Path):
 
 
 def _best(speech2text, speech):
+    # the score too: an untrained model may decode to nothing, its score is never 0
     text, tokens, token_ids, hyp = speech2text(speech)[0]
-    return text, token_ids
+    return text, token_ids, float(hyp.score)
 
 
 DECODE = dict(device="cpu", beam_size=2, ctc_weight=0.3, maxlenratio=0.3, nbest=1)

@@ -411,6 +411,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
             json.loads(scores_file.read_text()) if scores_file.exists() else {}
         )
         report["asr_config"] = str(args.asr_config)
+        if report.get("train_phase_seconds"):
+            # Training throughput: utterances seen per second of update loop.
+            n_train = len(read_kaldi(train_set / "text"))
+            report["train_utts"] = n_train
+            report["train_utts_per_second"] = (
+                n_train * report["epochs"] / report["train_phase_seconds"]
+            )
         (exp / "results.json").write_text(json.dumps(report, indent=2))
         params, enc_params = report["params"] / 1e6, report["encoder_params"] / 1e6
         _log(

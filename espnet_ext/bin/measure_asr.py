@@ -15,6 +15,7 @@ Example::
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -22,24 +23,43 @@ from typing import Dict, Optional, Sequence
 from espnet_ext.bin.asr_pipeline import read_kaldi
 
 
-def training_time(checkpoint: Path) -> Dict[str, float]:
-    """Training time and epochs from an ESPnet ``checkpoint.pth``.
+def training_time(checkpoint: Path) -> Dict[str, object]:
+    """Training time, epochs and the learning curve from an ESPnet ``checkpoint.pth``.
 
     ESPnet's reporter keeps per-epoch timings of the train, valid and plotting phases in
     the checkpoint, so the total survives resumed runs (``train.log`` is rewritten on
     resume) and excludes work a killed job lost on an unfinished epoch.
+    ``train_phase_seconds`` counts the update loops only (no validation). ``curve`` has
+    one entry per epoch: the training wall-clock so far (seconds) and the validation
+    statistics ESPnet logged for that epoch (``acc``, ``cer``, ``cer_ctc``, ``loss``;
+    absent ones are left out).
     """
     import torch
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["reporter"]
     # stats: {epoch: {"train" | "valid" | "att_plot": {"time": timedelta, ...}}}
-    seconds = sum(
-        phase["time"].total_seconds()
-        for epoch in state["stats"].values()
-        for phase in epoch.values()
-        if "time" in phase
-    )
-    return {"train_seconds": seconds, "epochs": len(state["stats"])}
+    seconds, train_phase, curve = 0.0, 0.0, []
+    for epoch, phases in sorted(state["stats"].items()):
+        seconds += sum(
+            ph["time"].total_seconds() for ph in phases.values() if "time" in ph
+        )
+        if "time" in phases.get("train", {}):
+            train_phase += phases["train"]["time"].total_seconds()
+        valid = phases.get("valid", {})
+        point = {"epoch": epoch, "seconds": seconds}
+        for key in ("acc", "cer", "cer_ctc", "loss"):
+            value = valid.get(key)
+            # ESPnet logs nan for a statistic it could not compute (e.g. acc of a
+            # CTC-only model); JSON has no nan, so such points are left out.
+            if value is not None and math.isfinite(float(value)):
+                point[f"valid_{key}"] = float(value)
+        curve.append(point)
+    return {
+        "train_seconds": seconds,
+        "train_phase_seconds": train_phase,
+        "epochs": len(curve),
+        "curve": curve,
+    }
 
 
 def measure(

@@ -2,20 +2,21 @@
 """Write Kaldi data dirs data/{train,dev,test} for speechocean762 (stdlib only).
 
 Accepts both layouts of the corpus root:
-  * the original release (OpenSLR 101): ``train/`` and ``test/``, audio in ``WAVE/*/*.WAV``;
-  * the ASR preparation we read from ``../shared/data``: ``train/`` and ``dev/`` (a subset
-    of the official test speakers), audio as FLAC.
+  * the original release (OpenSLR 101): ``train/`` and ``test/``, audio in
+    ``WAVE/*/*.WAV``;
+  * the ASR preparation we read from ``../shared/data``: ``train/`` and ``dev/`` (a
+    subset of the official test speakers), audio as FLAC.
 Both list audio paths relative to the corpus root; we write absolute paths, as asr.sh
 needs.
 
 Splits (speakers never cross splits):
   * ``train``: the official train set minus the held-out speakers below;
-  * ``dev``:   every ``--dev_every``-th train speaker (sorted by id), used for validation
-    and checkpoint selection (train speakers read overlapping sentences, so dev is
-    optimistic);
+  * ``dev``:   every ``--dev_every``-th train speaker (sorted by id), used for
+    validation and checkpoint selection;
   * ``test``:  the test speakers of the root (``test/`` if present, else ``dev/``).
 
-``--fast`` writes ``{train,dev,test}_fast`` instead: a few speakers each, for smoke runs.
+``--fast`` writes ``{train,dev,test}_fast`` instead: a few speakers each, for smoke
+runs.
 """
 
 import argparse
@@ -101,7 +102,8 @@ def main() -> None:
     p.add_argument(
         "--fast",
         action="store_true",
-        help="write {train,dev,test}_fast: 4 train speakers, 10 dev and 10 test utterances",
+        help="write {train,dev,test}_fast: 4 train speakers, 10 dev and 10 test "
+        "utterances",
     )
     args = p.parse_args()
 

@@ -1,15 +1,22 @@
 #!/usr/bin/env python3
-"""Collect ``exp_cpu/*/results.json`` into the RESULTS table of README.md and a plot.
+"""Build the RESULTS table of README.md and ``results.png`` from the results files.
 
-Every ``conf/tuning/train_*.yaml`` gets a row; configs without results are marked
-*pending*, so the table never shows a number nobody measured.
+Every run's numbers live in ``results/<name>.json``, a copy of the ``results.json``
+that ``run_cpu.sh`` (``espnet_ext.bin.asr_pipeline``'s report stage) or
+``local/pocketsphinx_baseline.py`` wrote. The table and the plot are generated from
+these files only, so no number in RESULTS is typed by hand. Every
+``conf/tuning/train_*.yaml`` gets a row; a config without a results file is marked
+*pending*. Results files with ``"reference": true`` (systems we did not train) come
+first.
 
-    python3 local/results.py                 # rewrite README.md's table, write results.png
-    python3 local/results.py --print_only    # just print the table
+    python3 local/results.py --collect exp_cpu   # copy exp_cpu/*/results.json here
+    python3 local/results.py                     # rewrite README.md's table + plot
+    python3 local/results.py --print_only        # just print the table
 """
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -25,15 +32,33 @@ COLUMNS = (
     "CER test",
     "decode RTF",
     "train time",
+    "train utt/s",
     "command",
 )
 
 
-def load(exp_root: Path, configs: List[Path]) -> Dict[str, Optional[dict]]:
-    out = {}
+def collect(exp_root: Path, results_dir: Path) -> List[str]:
+    """Copy ``exp_root/<name>/results.json`` to ``results_dir/<name>.json``."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for src in sorted(exp_root.glob("*/results.json")):
+        name = src.parent.name
+        if name.endswith("_fast"):  # smoke runs never enter RESULTS
+            continue
+        shutil.copyfile(src, results_dir / f"{name}.json")
+        copied.append(name)
+    return copied
+
+
+def load(results_dir: Path, configs: List[Path]) -> Dict[str, Optional[dict]]:
+    """``{name: results or None}``: reference systems first, then one per config."""
+    out: Dict[str, Optional[dict]] = {}
+    files = {p.stem: json.loads(p.read_text()) for p in results_dir.glob("*.json")}
+    for name, r in sorted(files.items()):
+        if r.get("reference"):
+            out[name] = r
     for cfg in configs:
-        res = exp_root / cfg.stem / "results.json"
-        out[cfg.stem] = json.loads(res.read_text()) if res.exists() else None
+        out[cfg.stem] = files.get(cfg.stem)
     return out
 
 
@@ -43,36 +68,54 @@ def _fmt_time(seconds: Optional[float]) -> str:
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
+def _num(r: dict, key: str, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
+    return fmt.format(r[key] / scale) if r.get(key) is not None else "-"
+
+
 def table(results: Dict[str, Optional[dict]]) -> str:
     rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for name, r in results.items():
-        cmd = f"`./run_cpu.sh --asr_config conf/tuning/{name}.yaml`"
+        if r is not None and r.get("reference"):
+            cmd = f"`python3 local/{r.get('script', name + '.py')}`"
+            label = f"{name} (reference: {r.get('system', name)})"
+        else:
+            cmd = f"`./run_cpu.sh --asr_config conf/tuning/{name}.yaml`"
+            label = name
         if r is None:
             rows.append(
-                f"| {name} | "
+                f"| {label} | "
                 + " | ".join(["pending"] * (len(COLUMNS) - 2))
                 + f" | {cmd} |"
             )
             continue
         sets = r.get("sets", {})
         cells = [
-            name,
-            f"{r['params'] / 1e6:.2f}",
-            f"{r['encoder_params'] / 1e6:.2f}",
-            f"{r['checkpoint_mb']:.1f}",
+            label,
+            _num(r, "params", 1e6),
+            _num(r, "encoder_params", 1e6),
+            _num(r, "checkpoint_mb", fmt="{:.1f}"),
         ]
         for s in ("dev", "test"):
             v = sets.get(s)
             cells += (
                 [f"{v['wer']:.1f}", f"{v['cer']:.1f}"] if v else ["pending", "pending"]
             )
-        epochs = f" ({r['epochs']} ep)" if r.get("epochs") else ""
-        cells += [f"{r['rtf']:.3f}", _fmt_time(r.get("train_seconds")) + epochs, cmd]
+        if r.get("train_seconds"):
+            train = _fmt_time(r["train_seconds"]) + f" ({r['epochs']} ep)"
+        else:
+            train = "-"
+        cells += [
+            _num(r, "rtf", fmt="{:.3f}"),
+            train,
+            _num(r, "train_utts_per_second", fmt="{:.1f}"),
+            cmd,
+        ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 def plot(results: Dict[str, Optional[dict]], path: Path) -> bool:
+    """Test CER vs size and decoding speed; validation curves vs training time."""
     done = {k: v for k, v in results.items() if v and "test" in v.get("sets", {})}
     if not done:
         return False
@@ -81,26 +124,52 @@ def plot(results: Dict[str, Optional[dict]], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    (ax_par, ax_rtf), (ax_acc, ax_cer) = axes
     for name, r in done.items():
         label = name.replace("train_asr_", "")
-        wer = r["sets"]["test"]["wer"]
-        for ax, x in zip(axes, (r["params"] / 1e6, r["rtf"])):
-            ax.scatter(x, wer, s=40)
+        cer = r["sets"]["test"]["cer"]
+        if r.get("reference"):
+            for ax in (ax_par, ax_rtf):
+                ax.axhline(cer, ls="--", c="gray", lw=1)
+                ax.annotate(
+                    f"{label} (no training)",
+                    (0.01, cer),
+                    fontsize=8,
+                    xycoords=("axes fraction", "data"),
+                    va="bottom",
+                )
+            continue
+        for ax, x in ((ax_par, r["params"] / 1e6), (ax_rtf, r["rtf"])):
+            ax.scatter(x, cer, s=40)
             ax.annotate(
-                label, (x, wer), textcoords="offset points", xytext=(5, 5), fontsize=8
+                label, (x, cer), textcoords="offset points", xytext=(5, 5), fontsize=8
             )
-    axes[0].set_xlabel("parameters (M)")
-    threads = sorted({r.get("rtf_threads", "?") for r in done.values()})
-    axes[1].set_xlabel(
+        curve = r.get("curve", [])
+        hours = [p["seconds"] / 3600 for p in curve]
+        for ax, key in ((ax_acc, "valid_acc"), (ax_cer, "valid_cer_ctc")):
+            pts = [(h, p[key]) for h, p in zip(hours, curve) if key in p]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=label)
+    ax_par.set_xlabel("parameters (M)")
+    threads = sorted(
+        {r.get("rtf_threads", "?") for r in done.values() if not r.get("reference")}
+    )
+    ax_rtf.set_xlabel(
         f"decoding RTF (CPU, {'/'.join(map(str, threads))} thread(s), batch 1)"
     )
-    axes[0].set_ylabel("WER on test (%)")
-    for ax in axes:
+    for ax in (ax_par, ax_rtf):
+        ax.set_ylabel("CER on test (%)")
+    ax_acc.set_ylabel("validation accuracy (attention decoder)")
+    ax_cer.set_ylabel("validation CER (CTC greedy)")
+    for ax in (ax_acc, ax_cer):
+        ax.set_xlabel("training wall-clock (h, one core)")
+        ax.legend(fontsize=8)
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
-    fig.suptitle("speechocean762: WER vs size and speed")
+    fig.suptitle("speechocean762: test CER vs size and speed; learning curves")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     return True
 
 
@@ -109,15 +178,24 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--exp_root", type=Path, default=here / "exp_cpu")
+    p.add_argument(
+        "--collect",
+        type=Path,
+        default=None,
+        metavar="EXP_ROOT",
+        help="first copy EXP_ROOT/*/results.json into --results_dir",
+    )
+    p.add_argument("--results_dir", type=Path, default=here / "results")
     p.add_argument("--conf_dir", type=Path, default=here / "conf" / "tuning")
     p.add_argument("--readme", type=Path, default=here / "README.md")
     p.add_argument("--plot", type=Path, default=here / "results.png")
     p.add_argument("--print_only", action="store_true")
     args = p.parse_args()
 
+    if args.collect:
+        print("collected:", ", ".join(collect(args.collect, args.results_dir)))
     configs = sorted(args.conf_dir.glob("train_*.yaml"))
-    results = load(args.exp_root, configs)
+    results = load(args.results_dir, configs)
     text = table(results)
     print(text)
     if args.print_only:

@@ -54,6 +54,13 @@ __all__ = [
 ]
 
 
+def _param(module: torch.nn.Module, name: str) -> Optional[torch.Tensor]:
+    """``getattr(module, name)`` for a parameter without nn.Module.__getattr__'s cost;
+    nn.DataParallel replicas keep their (non-leaf) parameters as plain attributes."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
 class SharedWeight(torch.nn.Module):
     """``W_shared`` (out, in) of one group of layers, initialised as ``nn.Linear``."""
 
@@ -201,17 +208,16 @@ class ResidualLinear(torch.nn.Module):
         """(W_shared (out, in), A (out, r), B (r, in), d (m,) or None)."""
         # _parameters directly: nn.Module.__getattr__ costs ~1 us per lookup, paid
         # by every merged forward (132 layers in a 12-block conformer)
-        p = self._parameters
         return (
-            self._shared_owner._parameters["weight"],
-            p["lowrank_a"],
-            p["lowrank_b"],
-            p["diag"],
+            _param(self._shared_owner, "weight"),
+            _param(self, "lowrank_a"),
+            _param(self, "lowrank_b"),
+            _param(self, "diag"),
         )
 
     def _project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Apply an (out, in) weight and the bias to x (..., in) -> (..., out)."""
-        return F.linear(x, weight, self._parameters["bias"])
+        return F.linear(x, weight, _param(self, "bias"))
 
     def _merged_layout(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
@@ -241,7 +247,7 @@ class ResidualLinear(torch.nn.Module):
             return False
         return any(
             t is not None and t.requires_grad
-            for t in (*self._sources(), self._parameters["bias"])
+            for t in (*self._sources(), _param(self, "bias"))
         )
 
     def _merged_weight(self) -> torch.Tensor:
@@ -319,7 +325,7 @@ class ResidualConv1x1(ResidualLinear):
     def _project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if weight.dim() == 2:
             weight = weight.unsqueeze(-1)  # (out, in) -> (out, in, 1)
-        return F.conv1d(x, weight, self._parameters["bias"])
+        return F.conv1d(x, weight, _param(self, "bias"))
 
     def _merged_layout(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.unsqueeze(-1)  # cache the kernel in conv layout

@@ -15,8 +15,10 @@ residual encoder and ESPnet's dense ``ConformerEncoder`` from the same ``encoder
    effective weights rebuilt from the factors on every call). Candidates are
    interleaved round-robin with the order rotated each round (shared, noisy machines);
    RTF = median seconds per pass / audio seconds; the ratio to dense is the median of
-   the per-round ratios. The decoder and beam search are the
-   same modules in both models, so a whole-model RTF differs only by this encoder time.
+   the per-round ratios. On CPU the seconds are this process's CPU time by default
+   (``--clock cpu``, one thread): other jobs taking the cores do not count. The
+   decoder and beam search are the same modules in both models, so a whole-model RTF
+   differs only by this encoder time.
 
 Writes a Markdown report to ``--out`` (default ``bench_results/residual.md``).
 """
@@ -106,7 +108,12 @@ def real_utterances(corpus: Path, n_utts: int, frontend_conf: dict):
     return feats, seconds
 
 
-def time_paired(fns: Dict[str, Callable[[], object]], repeats: int, base: str):
+def time_paired(
+    fns: Dict[str, Callable[[], object]],
+    repeats: int,
+    base: str,
+    clock: Callable[[], float] = time.perf_counter,
+):
     """Per round, every candidate once (order rotated each round); returns each
     candidate's median seconds and the median and quartiles over rounds of its
     time / ``base``'s time in the same round. Paired ratios cancel the slow drifts of
@@ -117,9 +124,9 @@ def time_paired(fns: Dict[str, Callable[[], object]], repeats: int, base: str):
     samples: Dict[str, List[float]] = {k: [] for k in names}
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
+            start = clock()
             fns[name]()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(clock() - start)
     out = {}
     for k in names:
         ratios = sorted(a / b for a, b in zip(samples[k], samples[base]))
@@ -133,13 +140,24 @@ def time_paired(fns: Dict[str, Callable[[], object]], repeats: int, base: str):
     return out
 
 
+# "cpu": this process's CPU time. On a shared machine whose other jobs starve this one,
+# wall time mostly measures waiting for a core; with one torch thread, CPU time is the
+# wall time the same work takes on an idle core. GPUs need "wall" (and a sync).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def _set_auto_merge(encoder, on: bool) -> None:
     for layer in encoder.residual_layers():
         layer.auto_merge = on
 
 
 def bench_config(
-    config: Path, corpus: Path, n_utts: int, repeats: int, device: str
+    config: Path,
+    corpus: Path,
+    n_utts: int,
+    repeats: int,
+    device: str,
+    clock: str = "wall",
 ) -> dict:
     import copy
 
@@ -191,7 +209,10 @@ def bench_config(
         if not residual.merged:
             raise RuntimeError("the residual encoder did not run merged in eval mode")
         t = time_paired(
-            {k: (lambda e=e: run(e)) for k, e in encs.items()}, repeats, "dense"
+            {k: (lambda e=e: run(e)) for k, e in encs.items()},
+            repeats,
+            "dense",
+            CLOCKS[clock],
         )
     merged_bytes = sum(
         layer._merged[1].numel() * layer._merged[1].element_size()
@@ -204,6 +225,7 @@ def bench_config(
         **{f"{k}_rtf": v["median_s"] / seconds for k, v in t.items()},
         **{f"{k}_ratio": v for k, v in t.items()},
         repeats=repeats,
+        clock=clock,
     )
     return out
 
@@ -252,8 +274,8 @@ def render(device: str, threads: int, rows: List[dict]) -> str:
             )
         lines += [
             "",
-            f"RTF / dense: median over {r['repeats']} rounds of the time ratio within "
-            "a round, quartiles in brackets.",
+            f"Clock: {r['clock']} time. RTF / dense: median over {r['repeats']} rounds "
+            "of the time ratio within a round, quartiles in brackets.",
             "",
             f"Parameter formula (checked against the count): `{r['formula']}`.",
             "",
@@ -280,6 +302,13 @@ def main(argv=None) -> None:
         )
         / "speechocean762",
     )
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="cpu",
+        help="cpu: process CPU time on CPU (immune to other jobs taking the cores; "
+        "needs --threads 1 to equal wall time); GPU timings always use wall time",
+    )
     p.add_argument("--out", type=Path, default=Path("bench_results/residual.md"))
     args = p.parse_args(argv)
     if not (args.corpus / "dev" / "wav.scp").exists():
@@ -294,7 +323,12 @@ def main(argv=None) -> None:
             print(f"[bench residual] {config} on {device} ...", flush=True)
             rows.append(
                 bench_config(
-                    config.resolve(), args.corpus, args.utterances, args.repeats, device
+                    config.resolve(),
+                    args.corpus,
+                    args.utterances,
+                    args.repeats,
+                    device,
+                    args.clock if device == "cpu" else "wall",
                 )
             )
         report += render(device, args.threads, rows) + "\n"

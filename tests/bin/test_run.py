@@ -19,8 +19,10 @@ import multiprocessing as mp
 import probe_worker
 if __name__ == "__main__":
     ctx = mp.get_context("spawn"); q = ctx.Queue()
-    p = ctx.Process(target=probe_worker.child, args=(q,)); p.start()
-    print("child has moe_conformer:", q.get(timeout=240)); p.join()
+    p = ctx.Process(target=probe_worker.child, args=(q,)); p.start(); p.join()
+    # after join: the child's import time (minutes on a loaded machine) is not
+    # bounded here, only by the test's subprocess timeout
+    print("child has moe_conformer:", q.get(timeout=60))
 """
 
 
@@ -37,7 +39,7 @@ def test_spawned_worker_of_a_python_s_parent_registers_through_the_runner(tmp_pa
         env=env,
         capture_output=True,
         text=True,
-        timeout=480,
+        timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "child has moe_conformer: True" in proc.stdout

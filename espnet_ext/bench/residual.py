@@ -9,16 +9,17 @@ residual encoder and ESPnet's dense ``ConformerEncoder`` from the same ``encoder
    numbers (the run stops if formula and count disagree);
 2. checkpoint bytes: ``torch.save`` of each encoder's state dict (the compact form is
    what is saved; merged weights never are);
-3. decoding RTF: the encoder on real utterances one at a time (batch 1, as asr.sh
-   decodes), eval mode under ``torch.inference_mode``: ``dense``, ``residual`` merged
-   (automatic in eval) and, for context, ``residual`` with ``auto_merge`` off (the
-   effective weights rebuilt from the factors on every call). Candidates are
+3. decoding RTF and FLOPs: the encoder on real utterances one at a time (batch 1, as
+   asr.sh decodes), eval mode under ``torch.inference_mode``: ``dense``, ``residual``
+   merged (automatic in eval) and, for context, ``residual`` with ``auto_merge`` off
+   (the effective weights rebuilt from the factors on every call). Candidates are
    interleaved round-robin with the order rotated each round (shared, noisy machines);
    RTF = median seconds per pass / audio seconds; the ratio to dense is the median of
    the per-round ratios. On CPU the seconds are this process's CPU time by default
-   (``--clock cpu``, one thread): other jobs taking the cores do not count. The
-   decoder and beam search are the same modules in both models, so a whole-model RTF
-   differs only by this encoder time.
+   (``--clock cpu``, one thread): other jobs taking the cores do not count. FLOPs
+   (``torch.utils.flop_counter``) are exact where times are noisy: merged must equal
+   dense. The decoder and beam search are the same modules in both models, so a
+   whole-model RTF differs only by this encoder time.
 
 Writes a Markdown report to ``--out`` (default ``bench_results/residual.md``).
 """
@@ -197,9 +198,9 @@ def bench_config(
 
     with torch.inference_mode():
         # merging happens on the first eval forward; time it once, then check it
-        start = time.perf_counter()
+        start = CLOCKS[clock]()
         residual.merge()
-        out["merge_ms"] = (time.perf_counter() - start) * 1e3
+        out["merge_ms"] = (CLOCKS[clock]() - start) * 1e3
         for f, n in utts[:2]:
             a, b = residual(f, n)[0], unmerged(f, n)[0]
             if not torch.allclose(a, b, rtol=1e-4, atol=1e-4):
@@ -208,6 +209,14 @@ def bench_config(
                 )
         if not residual.merged:
             raise RuntimeError("the residual encoder did not run merged in eval mode")
+        # FLOPs of one pass over the utterances: exact, unlike times on a shared
+        # machine. Merged must equal dense (the same GEMMs/convolutions).
+        from torch.utils.flop_counter import FlopCounterMode
+
+        for k, e in encs.items():
+            with FlopCounterMode(display=False) as fc:
+                run(e)
+            out[f"{k}_flops"] = fc.get_total_flops()
         t = time_paired(
             {k: (lambda e=e: run(e)) for k, e in encs.items()},
             repeats,
@@ -252,12 +261,13 @@ def render(device: str, threads: int, rows: List[dict]) -> str:
             f"{r['utterances']} real utterances ({r['audio_seconds']:.1f} s)",
             "",
             "| encoder | params (M) | params / dense | checkpoint (MB) "
-            "| checkpoint / dense | RTF | RTF / dense [q1, q3] |",
-            "|---|---|---|---|---|---|---|",
+            "| checkpoint / dense | GFLOPs | RTF | RTF / dense [q1, q3] |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         lines.append(
             f"| dense conformer | {r['dense_params'] / 1e6:.3f} | 1 "
-            f"| {r['dense_bytes'] / 2**20:.2f} | 1 | {r['dense_rtf']:.4f} | 1 |"
+            f"| {r['dense_bytes'] / 2**20:.2f} | 1 | {r['dense_flops'] / 1e9:.3f} "
+            f"| {r['dense_rtf']:.4f} | 1 |"
         )
         p_ratio = r["residual_params"] / r["dense_params"]
         b_ratio = r["residual_bytes"] / r["dense_bytes"]
@@ -269,13 +279,20 @@ def render(device: str, threads: int, rows: List[dict]) -> str:
             lines.append(
                 f"| {name} | {r['residual_params'] / 1e6:.3f} | {p_ratio:.3f} "
                 f"| {r['residual_bytes'] / 2**20:.2f} | {b_ratio:.3f} "
-                f"| {r[k + '_rtf']:.4f} | {q['ratio']:.3f} "
-                f"[{q['ratio_q1']:.3f}, {q['ratio_q3']:.3f}] |"
+                f"| {r[k + '_flops'] / 1e9:.3f} | {r[k + '_rtf']:.4f} "
+                f"| {q['ratio']:.3f} [{q['ratio_q1']:.3f}, {q['ratio_q3']:.3f}] |"
             )
         lines += [
             "",
             f"Clock: {r['clock']} time. RTF / dense: median over {r['repeats']} rounds "
-            "of the time ratio within a round, quartiles in brackets.",
+            "of the time ratio within a round, quartiles in brackets. GFLOPs: one pass "
+            "over the utterances (torch.utils.flop_counter); merged "
+            + (
+                "== dense"
+                if r["residual_merged_flops"] == r["dense_flops"]
+                else "!= dense"
+            )
+            + ".",
             "",
             f"Parameter formula (checked against the count): `{r['formula']}`.",
             "",

@@ -133,6 +133,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
     p.add_argument("--ngpu", type=int, default=0)
     p.add_argument("--fs", default="16k")
     p.add_argument(
+        "--feats_normalize",
+        choices=("global_mvn", "utterance_mvn"),
+        default="global_mvn",
+        help="asr.sh's --feats_normalize: training-set statistics or per utterance",
+    )
+    p.add_argument(
         "--inference_model",
         default="valid.acc.ave.pth",
         help="checkpoint in the training dir used for decoding and packing",
@@ -274,6 +280,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
                 "".join(f"{line},{vocab}\n" for line in shapes if line.strip())
             )
 
+    if args.feats_normalize == "global_mvn":
+        stats = f"stats_file={stats_dir}/train/feats_stats.npz"
+        normalize = ["--normalize", "global_mvn", "--normalize_conf", stats]
+    else:
+        normalize = ["--normalize", args.feats_normalize]
+
     if "train" in args.stages:
         _run(
             py
@@ -302,10 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
                 str(args.asr_config),
                 "--frontend_conf",
                 f"fs={args.fs}",
-                "--normalize",
-                "global_mvn",
-                "--normalize_conf",
-                f"stats_file={stats_dir}/train/feats_stats.npz",
+                *normalize,
                 "--ngpu",
                 str(args.ngpu),
                 *args.train_args.split(),

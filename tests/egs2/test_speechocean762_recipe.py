@@ -274,8 +274,10 @@ def test_results_table_has_a_row_per_config_and_marks_missing_runs_pending(tmp_p
         [
             "python3",
             "local/results.py",
-            "--exp_root",
+            "--collect",
             str(tmp_path / "exp_cpu"),
+            "--results_dir",
+            str(tmp_path / "results"),
             "--readme",
             str(readme),
             "--plot",
@@ -291,7 +293,7 @@ def test_results_table_has_a_row_per_config_and_marks_missing_runs_pending(tmp_p
     assert [r.split(" | ")[0][2:] for r in rows] == configs
     measured = next(r for r in rows if r.startswith("| train_asr_conformer |"))
     assert (
-        "| 4.63 | 3.61 | 17.8 | 40.0 | 20.0 | 61.5 | 33.3 | 0.045 | 0h50m (8 ep) |"
+        "| 4.63 | 3.61 | 17.8 | 40.0 | 20.0 | 61.5 | 33.3 | 0.045 | 0h50m (8 ep) | - |"
         in measured
     )
     assert all("pending" in r for r in rows if r is not measured)

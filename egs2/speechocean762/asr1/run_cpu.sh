@@ -10,15 +10,17 @@ set -euo pipefail
 
 asr_config=conf/tuning/train_asr_conformer.yaml
 inference_config=
+feats_normalize=global_mvn
 fast=false
 expdir=
 datadir=data
 stages=
-usage="Usage: $0 [--asr_config yaml] [--inference_config yaml] [--fast true|false] [--expdir dir] [--datadir dir] [--stages 'data tokens ...']"
+usage="Usage: $0 [--asr_config yaml] [--inference_config yaml] [--feats_normalize global_mvn|utterance_mvn] [--fast true|false] [--expdir dir] [--datadir dir] [--stages 'data tokens ...']"
 while [ $# -gt 0 ]; do
     case "$1" in
         --asr_config) asr_config=$2; shift 2 ;;
         --inference_config) inference_config=$2; shift 2 ;;
+        --feats_normalize) feats_normalize=$2; shift 2 ;;
         --fast) fast=$2; shift 2 ;;
         --expdir) expdir=$2; shift 2 ;;
         --datadir) datadir=$2; shift 2 ;;
@@ -56,4 +58,5 @@ python3 -m espnet_ext.bin.asr_pipeline \
     --test_dirs "${datadir}/test${suffix}" \
     --asr_config "${asr_config}" --inference_config "${inference_config}" \
     --exp_dir "${expdir}" --train_args "${train_args}" --rtf_utts "${rtf_utts}" \
+    --feats_normalize "${feats_normalize}" \
     "${stage_args[@]}"

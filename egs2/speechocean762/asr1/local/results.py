@@ -7,11 +7,15 @@ that ``run_cpu.sh`` (``espnet_ext.bin.asr_pipeline``'s report stage) or
 these files only, so no number in RESULTS is typed by hand. Every
 ``conf/tuning/train_*.yaml`` gets a row; a config without a results file is marked
 *pending*. Results files with ``"reference": true`` (systems we did not train) come
-first.
+first. Files in ``results/curves/`` hold only the learning curve of a training run that
+was not decoded (a diagnostic run, or one stopped early); they are drawn in the plot's
+learning-curve panels, never in the table.
 
     python3 local/results.py --collect exp_cpu   # copy exp_cpu/*/results.json here
     python3 local/results.py                     # rewrite README.md's table + plot
     python3 local/results.py --print_only        # just print the table
+    python3 local/results.py --add_curve NAME exp/asr_train/checkpoint.pth \
+        --note "what the run changed"            # a curve-only results file
 """
 
 import argparse
@@ -59,6 +63,24 @@ def load(results_dir: Path, configs: List[Path]) -> Dict[str, Optional[dict]]:
             out[name] = r
     for cfg in configs:
         out[cfg.stem] = files.get(cfg.stem)
+    return out
+
+
+def load_curves(results_dir: Path) -> Dict[str, dict]:
+    """Curve-only results files (``results/curves/<name>.json``)."""
+    return {
+        p.stem: json.loads(p.read_text())
+        for p in sorted((results_dir / "curves").glob("*.json"))
+    }
+
+
+def add_curve(name: str, checkpoint: Path, note: str, results_dir: Path) -> Path:
+    """Write ``results/curves/<name>.json`` from an ESPnet ``checkpoint.pth``."""
+    from espnet_ext.bin.measure_asr import training_time
+
+    out = results_dir / "curves" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"note": note, **training_time(checkpoint)}, indent=2))
     return out
 
 
@@ -114,10 +136,17 @@ def table(results: Dict[str, Optional[dict]]) -> str:
     return "\n".join(rows)
 
 
-def plot(results: Dict[str, Optional[dict]], path: Path) -> bool:
-    """Test CER vs size and decoding speed; validation curves vs training time."""
+def plot(
+    results: Dict[str, Optional[dict]], path: Path, curves: Optional[dict] = None
+) -> bool:
+    """Test CER vs size and decoding speed; validation curves vs training time.
+
+    ``curves`` (curve-only runs, see :func:`load_curves`) are drawn dashed in the
+    learning-curve panels.
+    """
     done = {k: v for k, v in results.items() if v and "test" in v.get("sets", {})}
-    if not done:
+    curves = curves or {}
+    if not done and not curves:
         return False
     import matplotlib
 
@@ -145,12 +174,9 @@ def plot(results: Dict[str, Optional[dict]], path: Path) -> bool:
             ax.annotate(
                 label, (x, cer), textcoords="offset points", xytext=(5, 5), fontsize=8
             )
-        curve = r.get("curve", [])
-        hours = [p["seconds"] / 3600 for p in curve]
-        for ax, key in ((ax_acc, "valid_acc"), (ax_cer, "valid_cer_ctc")):
-            pts = [(h, p[key]) for h, p in zip(hours, curve) if key in p]
-            if pts:
-                ax.plot(*zip(*pts), marker=".", label=label)
+        _draw_curve(ax_acc, ax_cer, r.get("curve", []), label, "-")
+    for name, r in curves.items():
+        _draw_curve(ax_acc, ax_cer, r["curve"], f"{name} (not decoded)", "--")
     ax_par.set_xlabel("parameters (M)")
     threads = sorted(
         {r.get("rtf_threads", "?") for r in done.values() if not r.get("reference")}
@@ -173,6 +199,14 @@ def plot(results: Dict[str, Optional[dict]], path: Path) -> bool:
     return True
 
 
+def _draw_curve(ax_acc, ax_cer, curve: List[dict], label: str, style: str) -> None:
+    hours = [p["seconds"] / 3600 for p in curve]
+    for ax, key in ((ax_acc, "valid_acc"), (ax_cer, "valid_cer_ctc")):
+        pts = [(h, p[key]) for h, p in zip(hours, curve) if key in p]
+        if pts:
+            ax.plot(*zip(*pts), style, marker=".", label=label)
+
+
 def main() -> None:
     here = Path(__file__).resolve().parents[1]
     p = argparse.ArgumentParser(
@@ -190,7 +224,19 @@ def main() -> None:
     p.add_argument("--readme", type=Path, default=here / "README.md")
     p.add_argument("--plot", type=Path, default=here / "results.png")
     p.add_argument("--print_only", action="store_true")
+    p.add_argument(
+        "--add_curve",
+        nargs=2,
+        metavar=("NAME", "CHECKPOINT"),
+        default=None,
+        help="write results/curves/NAME.json from an ESPnet checkpoint.pth",
+    )
+    p.add_argument("--note", default="", help="with --add_curve: what the run was")
     args = p.parse_args()
+
+    if args.add_curve:
+        name, ckpt = args.add_curve
+        print("wrote", add_curve(name, Path(ckpt), args.note, args.results_dir))
 
     if args.collect:
         print("collected:", ", ".join(collect(args.collect, args.results_dir)))
@@ -206,7 +252,7 @@ def main() -> None:
     head, rest = readme.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     args.readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}", encoding="utf-8")
-    if plot(results, args.plot):
+    if plot(results, args.plot, load_curves(args.results_dir)):
         print(f"wrote {args.plot}")
 
 

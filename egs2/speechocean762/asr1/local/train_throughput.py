@@ -66,6 +66,24 @@ def _chars(text: str) -> List[str]:
     return ["<space>" if c == " " else c for c in text]
 
 
+def _profile(model_opt, batch, top: int) -> List[str]:
+    """Markdown rows: the ``top`` operators by self CPU time in one update."""
+    model, opt = model_opt
+    with torch.profiler.profile() as prof:
+        model(*batch)[0].backward()
+    opt.zero_grad()
+    events = sorted(
+        prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True
+    )
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = ["| operator | share of the update | calls |", "|---|---|---|"]
+    for e in events[:top]:
+        rows.append(
+            f"| {e.key} | {100 * e.self_cpu_time_total / total:.1f}% | {e.count} |"
+        )
+    return rows
+
+
 def _build(config: Path, token_list: Path):
     from espnet2.tasks.asr import ASRTask
 
@@ -88,6 +106,12 @@ def main() -> None:
     p.add_argument("--batch_seconds", type=float, default=34.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--output", type=Path, default=None)
+    p.add_argument(
+        "--profile_top",
+        type=int,
+        default=6,
+        help="also profile one update per config and list its N costliest operators",
+    )
     args = p.parse_args()
 
     torch.set_num_threads(1)
@@ -133,6 +157,9 @@ def main() -> None:
             f"| {c} | {params:.2f} | {med / len(batches):.3f} | {n_utts / med:.1f} | "
             f"x{base / med:.2f} |"
         )
+    for c in args.configs if args.profile_top else []:
+        rows += ["", f"Costliest operators of one update of {c} (self CPU time):", ""]
+        rows += _profile(models[c], batches[0], args.profile_top)
     text = "\n".join(rows)
     print(text)
     if args.output:

@@ -15,6 +15,7 @@ the schema ``local/results.py`` reads.
 import argparse
 import json
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,7 @@ def main() -> None:
     for d in args.data_dirs:
         b, a = decode_dir(decoder, d, decode_root / d.name)
         busy, audio = busy + b, audio + a
-        print(f"{d.name}: decoded {a:.0f} s of audio in {b:.0f} s")
+        print(f"{d.name}: decoded {a:.0f} s of audio in {b:.0f} s", flush=True)
     sets = {
         d.name: score_set(
             d / "text",
@@ -87,7 +88,7 @@ def main() -> None:
         for d in args.data_dirs
     }
     report = {
-        "system": f"pocketsphinx {pocketsphinx.__version__} (en-us model, 3-gram LM)",
+        "system": f"pocketsphinx {version('pocketsphinx')} (en-us model, 3-gram LM)",
         "reference": True,
         "script": "pocketsphinx_baseline.py --data_dirs data/dev data/test",
         "rtf": busy / audio,

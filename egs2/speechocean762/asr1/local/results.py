@@ -20,7 +20,6 @@ learning-curve panels, never in the table.
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -49,7 +48,9 @@ def collect(exp_root: Path, results_dir: Path) -> List[str]:
         name = src.parent.name
         if name.endswith("_fast"):  # smoke runs never enter RESULTS
             continue
-        shutil.copyfile(src, results_dir / f"{name}.json")
+        # One trailing newline, as the pre-commit hooks want text files to end.
+        text = src.read_text(encoding="utf-8").rstrip("\n") + "\n"
+        (results_dir / f"{name}.json").write_text(text, encoding="utf-8")
         copied.append(name)
     return copied
 
@@ -80,7 +81,8 @@ def add_curve(name: str, checkpoint: Path, note: str, results_dir: Path) -> Path
 
     out = results_dir / "curves" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"note": note, **training_time(checkpoint)}, indent=2))
+    text = json.dumps({"note": note, **training_time(checkpoint)}, indent=2)
+    out.write_text(text + "\n")
     return out
 
 

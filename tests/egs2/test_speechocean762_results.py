@@ -1,0 +1,67 @@
+"""RESULTS of egs2/speechocean762/asr1 come from the results files, never from hands.
+
+``local/results.py`` builds README.md's table and ``results.png`` from
+``results/*.json`` (copies of what the pipeline's report stage and the pocketsphinx
+baseline wrote). These tests rebuild both and compare.
+"""
+
+import importlib.util
+import json
+
+import pytest
+from conftest import REPO
+
+RECIPE = REPO / "egs2" / "speechocean762" / "asr1"
+
+
+@pytest.fixture(scope="module")
+def results_mod():
+    spec = importlib.util.spec_from_file_location(
+        "speechocean762_results", RECIPE / "local" / "results.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def results(results_mod):
+    configs = sorted((RECIPE / "conf" / "tuning").glob("train_*.yaml"))
+    return results_mod.load(RECIPE / "results", configs)
+
+
+def test_readme_table_is_the_one_built_from_the_results_files(results_mod, results):
+    readme = (RECIPE / "README.md").read_text(encoding="utf-8")
+    section = readme.split(results_mod.BEGIN, 1)[1].split(results_mod.END, 1)[0]
+    assert section.strip() == results_mod.table(results).strip()
+
+
+def test_every_curve_file_has_a_note_and_validation_points(results_mod):
+    curves = results_mod.load_curves(RECIPE / "results")
+    for name, r in curves.items():
+        assert r["note"] and r["curve"], name
+        assert all("seconds" in p and "valid_cer_ctc" in p for p in r["curve"]), name
+
+
+def test_every_results_file_has_test_scores_and_a_source(results):
+    measured = {k: v for k, v in results.items() if v is not None}
+    assert measured, "no results file in results/"
+    for name, r in measured.items():
+        assert {"wer", "cer"} <= set(r["sets"]["test"]), name
+        # A trained row carries what its own report stage measured.
+        if not r.get("reference"):
+            assert r["curve"] and r["train_seconds"] > 0 and r["params"] > 0, name
+
+
+def test_plot_is_drawn_from_the_results_files(results_mod, results, tmp_path):
+    out = tmp_path / "results.png"
+    curves = results_mod.load_curves(RECIPE / "results")
+    assert results_mod.plot(results, out, curves)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_collect_copies_runs_but_never_smoke_runs(results_mod, tmp_path):
+    for name in ("train_asr_x", "train_asr_x_fast"):
+        (tmp_path / "exp" / name).mkdir(parents=True)
+        (tmp_path / "exp" / name / "results.json").write_text(json.dumps({"n": 1}))
+    assert results_mod.collect(tmp_path / "exp", tmp_path / "res") == ["train_asr_x"]

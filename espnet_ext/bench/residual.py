@@ -351,7 +351,8 @@ def main(argv=None) -> None:
         report += render(device, args.threads, rows) + "\n"
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    # One trailing newline, as the pre-commit hooks want text files to end.
+    args.out.write_text(report.rstrip("\n") + "\n")
     print(f"[bench residual] written to {args.out}")
 
 

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import List
 
-import numpy as np
 import soundfile
 import torch
 
@@ -168,5 +167,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.random.seed(0)
     main()

@@ -21,14 +21,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-
-def _read_kaldi(path: Path) -> dict:
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            key, _, value = line.partition(" ")
-            out[key] = value.strip()
-    return out
+from espnet_ext.bin.asr_pipeline import read_kaldi
 
 
 def decode_dir(decoder, data_dir: Path, out_dir: Path) -> tuple:
@@ -38,7 +31,7 @@ def decode_dir(decoder, data_dir: Path, out_dir: Path) -> tuple:
         (decoding seconds, audio seconds)
     """
     hyps, busy, audio = {}, 0.0, 0.0
-    for utt, path in sorted(_read_kaldi(data_dir / "wav.scp").items()):
+    for utt, path in sorted(read_kaldi(data_dir / "wav.scp").items()):
         wav, fs = soundfile.read(path, dtype="int16")
         if fs != 16000:
             raise ValueError(f"{path}: pocketsphinx's model needs 16 kHz, got {fs}")

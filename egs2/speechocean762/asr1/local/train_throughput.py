@@ -24,16 +24,12 @@ from typing import List
 import soundfile
 import torch
 
+from espnet_ext.bin.asr_pipeline import read_kaldi
+
 
 def _batches(data_dir: Path, n_batches: int, batch_seconds: float) -> List[tuple]:
     """Consecutive utterances of ``data_dir`` grouped into batches of ~batch_seconds."""
-    wavs = dict(
-        line.split(maxsplit=1)
-        for line in (data_dir / "wav.scp").read_text().splitlines()
-    )
-    texts = dict(
-        line.split(maxsplit=1) for line in (data_dir / "text").read_text().splitlines()
-    )
+    wavs, texts = read_kaldi(data_dir / "wav.scp"), read_kaldi(data_dir / "text")
     batches, cur, dur = [], [], 0.0
     for utt in sorted(wavs):
         wav, fs = soundfile.read(wavs[utt], dtype="float32")

@@ -38,6 +38,7 @@ fi
     --token_type char \
     --use_lm false \
     --max_wav_duration 30 \
+    --feats_normalize utterance_mvn \
     --asr_config conf/tuning/train_asr_conformer.yaml \
     --inference_config conf/decode_asr.yaml \
     --train_set "train${suffix}" \

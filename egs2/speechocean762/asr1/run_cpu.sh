@@ -10,7 +10,9 @@ set -euo pipefail
 
 asr_config=conf/tuning/train_asr_conformer.yaml
 inference_config=
-feats_normalize=global_mvn
+# Per-utterance mean/variance normalisation: the speakers (adults and children) were
+# recorded at very different levels; see README.md, "Getting the dense baseline to learn".
+feats_normalize=utterance_mvn
 fast=false
 expdir=
 datadir=data

@@ -35,6 +35,8 @@ _RESIDUAL_CONFORMER = "espnet_ext.encoders.residual_conformer:ResidualConformerE
 _RESIDUAL_TRANSFORMER = (
     "espnet_ext.encoders.residual_transformer:ResidualTransformerEncoder"
 )
+_I3D_CONFORMER = "espnet_ext.encoders.i3d_conformer:I3DConformerEncoder"
+_I3D_TRANSFORMER = "espnet_ext.encoders.i3d_transformer:I3DTransformerEncoder"
 
 
 class Entry(NamedTuple):
@@ -57,6 +59,12 @@ ENTRIES: Tuple[Entry, ...] = (
     Entry(_ST, "encoder_choices", "residual_conformer", _RESIDUAL_CONFORMER),
     Entry(_ASR, "encoder_choices", "residual_transformer", _RESIDUAL_TRANSFORMER),
     Entry(_ST, "encoder_choices", "residual_transformer", _RESIDUAL_TRANSFORMER),
+    # I3D (arXiv 2303.07624): input-dependent dynamic depth, ASR and ST (the depth
+    # cost needs model: espnet_ext, ASR only; ST trains the gates without it)
+    Entry(_ASR, "encoder_choices", "i3d_conformer", _I3D_CONFORMER),
+    Entry(_ST, "encoder_choices", "i3d_conformer", _I3D_CONFORMER),
+    Entry(_ASR, "encoder_choices", "i3d_transformer", _I3D_TRANSFORMER),
+    Entry(_ST, "encoder_choices", "i3d_transformer", _I3D_TRANSFORMER),
 )
 
 TASK_MODULES = frozenset(e.task for e in ENTRIES)

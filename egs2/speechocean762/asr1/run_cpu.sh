@@ -17,7 +17,8 @@ fast=false
 expdir=
 datadir=data
 stages=
-usage="Usage: $0 [--asr_config yaml] [--inference_config yaml] [--feats_normalize global_mvn|utterance_mvn] [--fast true|false] [--expdir dir] [--datadir dir] [--stages 'data tokens ...']"
+extra_train_args=  # appended to asr_train's arguments, e.g. "--max_epoch 3"
+usage="Usage: $0 [--asr_config yaml] [--inference_config yaml] [--feats_normalize global_mvn|utterance_mvn] [--fast true|false] [--expdir dir] [--datadir dir] [--stages 'data tokens ...'] [--train_args 'asr_train args']"
 while [ $# -gt 0 ]; do
     case "$1" in
         --asr_config) asr_config=$2; shift 2 ;;
@@ -27,6 +28,7 @@ while [ $# -gt 0 ]; do
         --expdir) expdir=$2; shift 2 ;;
         --datadir) datadir=$2; shift 2 ;;
         --stages) stages=$2; shift 2 ;;
+        --train_args) extra_train_args=$2; shift 2 ;;
         -h|--help) echo "${usage}"; exit 0 ;;
         *) echo "$0: unknown option '$1'" >&2; echo "${usage}" >&2; exit 1 ;;
     esac
@@ -59,6 +61,6 @@ python3 -m espnet_ext.bin.asr_pipeline \
     --train_dir "${datadir}/train${suffix}" --valid_dir "${datadir}/dev${suffix}" \
     --test_dirs "${datadir}/test${suffix}" \
     --asr_config "${asr_config}" --inference_config "${inference_config}" \
-    --exp_dir "${expdir}" --train_args "${train_args}" --rtf_utts "${rtf_utts}" \
+    --exp_dir "${expdir}" --train_args "${train_args} ${extra_train_args}" --rtf_utts "${rtf_utts}" \
     --feats_normalize "${feats_normalize}" \
     "${stage_args[@]}"

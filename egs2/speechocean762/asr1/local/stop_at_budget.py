@@ -12,8 +12,9 @@ being the epochs done, and the later stages only. ESPnet resumes from
 pipeline decodes and scores as usual. The interrupted ``train.log`` is kept as
 ``train.epochs1-K.log``.
 
-    local/stop_at_budget.py --exp_dir exp_cpu/train_asr_conformer --budget_minutes 120 \\
-        -- ./run_cpu.sh --asr_config conf/tuning/train_asr_conformer.yaml
+    local/stop_at_budget.py --exp_dir exp_cpu/train_asr_conformer \\
+        --budget_minutes 120 -- \\
+        ./run_cpu.sh --asr_config conf/tuning/train_asr_conformer.yaml
 
 The command must accept run_cpu.sh's ``--stages`` and ``--train_args`` options.
 """
@@ -55,7 +56,7 @@ def epoch_seconds(log_text: str) -> List[float]:
 
 
 def over_budget(epochs: List[float], budget_s: float) -> bool:
-    """Whether the epoch now running would end past the budget (it lasts as the last)."""
+    """Whether the running epoch would end past the budget (it lasts as the last)."""
     return bool(epochs) and sum(epochs) + epochs[-1] > budget_s
 
 

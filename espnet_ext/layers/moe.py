@@ -227,6 +227,10 @@ class MoEFeedForward(AuxRecorder, torch.nn.Module):
             (``mean(logsumexp(r)^2)``, ST-MoE). 0.0 by default.
         aux_prefix: prefix of the aux loss and statistic names (``"enc_"``,
             ``"dec_"``), so encoder and decoder losses get their own weights.
+        experts: an existing bank of ``num_experts`` expert modules to use instead of
+            building new ones. Passing one bank to several layers shares the expert
+            weights between them (one tensor, one gradient accumulated from every
+            layer) while each layer keeps its own router (arXiv 2209.08326).
 
     Shapes: ``forward`` maps (..., D) -> (..., D); zero tokens are fine.
 
@@ -253,6 +257,7 @@ class MoEFeedForward(AuxRecorder, torch.nn.Module):
         balance_loss_weight: float = 0.0,
         z_loss_weight: float = 0.0,
         aux_prefix: str = "",
+        experts: Optional[torch.nn.ModuleList] = None,
     ):
         super().__init__()
         if num_experts < 1:
@@ -274,10 +279,17 @@ class MoEFeedForward(AuxRecorder, torch.nn.Module):
         self.z_loss_weight = z_loss_weight
         self.aux_prefix = aux_prefix
         self.router = torch.nn.Linear(idim, num_experts, bias=False)
-        self.experts = torch.nn.ModuleList(
-            PositionwiseFeedForward(idim, hidden_units, dropout_rate, activation)
-            for _ in range(num_experts)
-        )
+        if experts is None:
+            experts = torch.nn.ModuleList(
+                PositionwiseFeedForward(idim, hidden_units, dropout_rate, activation)
+                for _ in range(num_experts)
+            )
+        elif len(experts) != num_experts:
+            raise ValueError(
+                f"a shared expert bank of {len(experts)} experts was given to an MoE "
+                f"layer with num_experts={num_experts}"
+            )
+        self.experts = experts
         self._token_mask: Optional[torch.Tensor] = None
 
     def set_token_mask(self, mask: Optional[torch.Tensor]) -> None:
@@ -396,15 +408,16 @@ def moe_ffn_factory(
     moe_balance_weight: float,
     moe_z_weight: float,
     aux_prefix: str,
-) -> Callable[[], MoEFeedForward]:
+) -> Callable[..., MoEFeedForward]:
     """Map our encoders'/decoders' YAML MoE options to a builder of MoE FFNs.
 
     One place for the rules they share: experts default to the dense FFN size
     (``expert_units=None`` -> ``linear_units``, as in U2++ MoE) and take their
-    activation from :func:`expert_activation`.
+    activation from :func:`expert_activation`. ``make_moe(experts)`` builds a layer
+    around an existing expert bank (a new router, shared experts).
     """
 
-    def make_moe() -> MoEFeedForward:
+    def make_moe(experts: Optional[torch.nn.ModuleList] = None) -> MoEFeedForward:
         return MoEFeedForward(
             idim=idim,
             hidden_units=expert_units or linear_units,
@@ -416,6 +429,7 @@ def moe_ffn_factory(
             balance_loss_weight=moe_balance_weight,
             z_loss_weight=moe_z_weight,
             aux_prefix=aux_prefix,
+            experts=experts,
         )
 
     return make_moe

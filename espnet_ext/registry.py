@@ -35,6 +35,9 @@ _RESIDUAL_CONFORMER = "espnet_ext.encoders.residual_conformer:ResidualConformerE
 _RESIDUAL_TRANSFORMER = (
     "espnet_ext.encoders.residual_transformer:ResidualTransformerEncoder"
 )
+_SHARED_MOE_CONFORMER = (
+    "espnet_ext.encoders.shared_moe_conformer:SharedMoEConformerEncoder"
+)
 _I3D_CONFORMER = "espnet_ext.encoders.i3d_conformer:I3DConformerEncoder"
 _I3D_TRANSFORMER = "espnet_ext.encoders.i3d_transformer:I3DTransformerEncoder"
 
@@ -59,6 +62,10 @@ ENTRIES: Tuple[Entry, ...] = (
     Entry(_ST, "encoder_choices", "residual_conformer", _RESIDUAL_CONFORMER),
     Entry(_ASR, "encoder_choices", "residual_transformer", _RESIDUAL_TRANSFORMER),
     Entry(_ST, "encoder_choices", "residual_transformer", _RESIDUAL_TRANSFORMER),
+    # Shared sparsely-gated experts (arXiv 2209.08326): grouped MoE conformer, ASR and
+    # ST (its distillation is a feature of model: espnet_ext, ASR only)
+    Entry(_ASR, "encoder_choices", "shared_moe_conformer", _SHARED_MOE_CONFORMER),
+    Entry(_ST, "encoder_choices", "shared_moe_conformer", _SHARED_MOE_CONFORMER),
     # I3D (arXiv 2303.07624): input-dependent dynamic depth, ASR and ST (the depth
     # cost needs model: espnet_ext, ASR only; ST trains the gates without it)
     Entry(_ASR, "encoder_choices", "i3d_conformer", _I3D_CONFORMER),

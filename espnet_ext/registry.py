@@ -38,6 +38,7 @@ _RESIDUAL_TRANSFORMER = (
 _SHARED_MOE_CONFORMER = (
     "espnet_ext.encoders.shared_moe_conformer:SharedMoEConformerEncoder"
 )
+_U2_CONFORMER = "espnet_ext.encoders.u2_conformer:U2ConformerEncoder"
 _I3D_CONFORMER = "espnet_ext.encoders.i3d_conformer:I3DConformerEncoder"
 _I3D_TRANSFORMER = "espnet_ext.encoders.i3d_transformer:I3DTransformerEncoder"
 
@@ -72,6 +73,9 @@ ENTRIES: Tuple[Entry, ...] = (
     Entry(_ST, "encoder_choices", "i3d_conformer", _I3D_CONFORMER),
     Entry(_ASR, "encoder_choices", "i3d_transformer", _I3D_TRANSFORMER),
     Entry(_ST, "encoder_choices", "i3d_transformer", _I3D_TRANSFORMER),
+    # U2++ (arXiv 2106.05642, 2404.16407): chunk-trained conformer
+    Entry(_ASR, "encoder_choices", "u2_conformer", _U2_CONFORMER),
+    Entry(_ST, "encoder_choices", "u2_conformer", _U2_CONFORMER),
 )
 
 TASK_MODULES = frozenset(e.task for e in ENTRIES)

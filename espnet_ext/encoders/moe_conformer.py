@@ -17,13 +17,14 @@ from espnet2.asr.ctc import CTC
 from espnet2.asr.encoder.conformer_encoder import ConformerEncoder
 from typeguard import typechecked
 
+from espnet_ext.encoders.u2_common import ChunkEncoderMixin
 from espnet_ext.layers.aux_loss import clear_aux
 from espnet_ext.layers.moe import install_moe_ffns, moe_ffn_factory
 
 __all__ = ["MoEConformerEncoder"]
 
 
-class MoEConformerEncoder(ConformerEncoder):
+class MoEConformerEncoder(ChunkEncoderMixin, ConformerEncoder):
     """Conformer encoder whose FFNs are sparse top-k mixtures of experts.
 
     Args: every ``ConformerEncoder`` argument, with the same meaning, plus
@@ -39,6 +40,9 @@ class MoEConformerEncoder(ConformerEncoder):
         moe_z_weight: default weight of the router ``enc_moe_z`` loss (0).
         dense_block_idx: 1-based indices of blocks that keep ESPnet's dense FFNs
             (as ESPnet's ``interctc_layer_idx``); empty = every block is MoE.
+        use_dynamic_chunk, use_dynamic_left_chunk, static_chunk_size, causal: the
+            U2++ chunk options of :class:`~espnet_ext.encoders.u2_conformer.
+            U2ConformerEncoder` (all off by default: the plain full-context encoder).
 
     Shapes: ``forward(xs_pad (B, T, input_size), ilens (B,))`` ->
     ``(B, T', output_size), (B,), None`` exactly as ``ConformerEncoder``.
@@ -84,6 +88,10 @@ class MoEConformerEncoder(ConformerEncoder):
         moe_balance_weight: float = 0.0,
         moe_z_weight: float = 0.0,
         dense_block_idx: List[int] = [],
+        use_dynamic_chunk: bool = False,
+        use_dynamic_left_chunk: bool = False,
+        static_chunk_size: int = 0,
+        causal: bool = False,
     ):
         if positionwise_layer_type != "linear":
             raise ValueError(
@@ -138,6 +146,15 @@ class MoEConformerEncoder(ConformerEncoder):
         )
         # EncoderLayer.forward(x_input, mask (B, 1, T), cache=None)
         install_moe_ffns(self.encoders, make_moe, dense_block_idx, "mask")
+        # After the MoE hooks: their pre-hook must see the (B, 1, T) padding mask
+        # before the chunk-mask hook replaces it (hooks run in registration order).
+        self._init_chunking(
+            use_dynamic_chunk=use_dynamic_chunk,
+            use_dynamic_left_chunk=use_dynamic_left_chunk,
+            static_chunk_size=static_chunk_size,
+            causal=causal,
+            ctc_trim=ctc_trim,
+        )
 
     def forward(
         self,

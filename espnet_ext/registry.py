@@ -39,6 +39,8 @@ _SHARED_MOE_CONFORMER = (
     "espnet_ext.encoders.shared_moe_conformer:SharedMoEConformerEncoder"
 )
 _U2_CONFORMER = "espnet_ext.encoders.u2_conformer:U2ConformerEncoder"
+_BITRANSFORMER = "espnet_ext.decoders.bitransformer:BiTransformerDecoder"
+_MOE_BITRANSFORMER = "espnet_ext.decoders.moe_bitransformer:MoEBiTransformerDecoder"
 _I3D_CONFORMER = "espnet_ext.encoders.i3d_conformer:I3DConformerEncoder"
 _I3D_TRANSFORMER = "espnet_ext.encoders.i3d_transformer:I3DTransformerEncoder"
 
@@ -76,6 +78,10 @@ ENTRIES: Tuple[Entry, ...] = (
     # U2++ (arXiv 2106.05642, 2404.16407): chunk-trained conformer
     Entry(_ASR, "encoder_choices", "u2_conformer", _U2_CONFORMER),
     Entry(_ST, "encoder_choices", "u2_conformer", _U2_CONFORMER),
+    # U2++ bidirectional decoders: ASR only (the right-to-left loss lives in
+    # model: espnet_ext; ST's decoders see only left to right)
+    Entry(_ASR, "decoder_choices", "bitransformer", _BITRANSFORMER),
+    Entry(_ASR, "decoder_choices", "moe_bitransformer", _MOE_BITRANSFORMER),
 )
 
 TASK_MODULES = frozenset(e.task for e in ENTRIES)

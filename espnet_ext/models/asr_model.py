@@ -24,17 +24,24 @@ from espnet2.torch_utils.device_funcs import force_gatherable
 from typeguard import typechecked
 
 from espnet_ext.layers.aux_loss import clear_aux, collect_aux
+from espnet_ext.models.bidirectional import (
+    BidirectionalAttLossMixin,
+    check_reverse_weight,
+)
 
 __all__ = ["ESPnetExtASRModel"]
 
 
-class ESPnetExtASRModel(ESPnetASRModel):
+class ESPnetExtASRModel(BidirectionalAttLossMixin, ESPnetASRModel):
     """ESPnetASRModel whose loss includes the aux losses its modules report.
 
     Args (beyond ESPnetASRModel's, all in ``model_conf``):
         aux_loss_weights: ``{aux loss name: weight}``; overrides the default weight
             the reporting module declares (e.g. ``encoder_conf.moe_balance_weight``).
             A name that no module reports is an error at the first training step.
+        reverse_weight: U2++ right-to-left decoder weight, ``loss_att = (1 - w) *
+            l2r + w * r2l`` with a bidirectional decoder (0 = ESPnet's loss);
+            see :mod:`espnet_ext.models.bidirectional`.
     """
 
     @typechecked
@@ -69,6 +76,7 @@ class ESPnetExtASRModel(ESPnetASRModel):
         extract_feats_in_collect_stats: bool = True,
         lang_token_id: int = -1,
         aux_loss_weights: Optional[Dict[str, float]] = None,
+        reverse_weight: float = 0.0,
     ):
         super().__init__(
             vocab_size=vocab_size,
@@ -107,6 +115,8 @@ class ESPnetExtASRModel(ESPnetASRModel):
                     f"model_conf.aux_loss_weights[{name!r}] must be >= 0, got {w}"
                 )
         self._aux_names_checked = False
+        # U2++ right-to-left decoder loss weight (espnet_ext.models.bidirectional)
+        self.reverse_weight = check_reverse_weight(reverse_weight)
 
     def forward(
         self,

@@ -117,8 +117,23 @@ def gumbel_sigmoid(
     u = u.clamp(eps, 1.0 - torch.finfo(logits.dtype).eps)
     noise = torch.log(u) - torch.log1p(-u)
     soft = torch.sigmoid((logits + noise) / tau)
-    hard = (soft > 0.5).to(soft.dtype)
-    return hard + soft - soft.detach()
+    return _StraightThrough.apply(soft)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: ``soft > 0.5`` as exact 0.0/1.0; backward: the identity.
+
+    ``hard + soft - soft.detach()`` would give the same gradient but values such as
+    0.99999994 in the forward pass: an open module's output would be rescaled.
+    """
+
+    @staticmethod
+    def forward(ctx, soft):
+        return (soft > 0.5).to(soft.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
 
 
 def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -163,6 +178,11 @@ class GatePredictor(torch.nn.Module):
     def reset_bias(self) -> None:
         with torch.no_grad():
             self.net[-1].bias.fill_(self.init_bias)
+
+    def espnet_initialization_fn(self) -> None:
+        """Called by ESPnet's ``initialize`` (``init: xavier_uniform`` etc.) after
+        it re-drew every parameter (biases zeroed): restore the opening bias."""
+        self.reset_bias()
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, G) logits, computed in float32 (decisions must not flip

@@ -1,0 +1,1 @@
+"""U2++ decoding: CTC greedy / prefix beam search, attention rescoring, streaming."""

@@ -8,6 +8,7 @@ def main() -> None:
         "moe": "espnet_ext.bench.moe",
         "startup": "espnet_ext.bench.startup",
         "residual": "espnet_ext.bench.residual",
+        "i3d": "espnet_ext.bench.i3d",
     }
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         sys.exit(f"usage: python -m espnet_ext.bench {{{','.join(names)}}} [options]")

@@ -28,6 +28,7 @@ from espnet_ext.models.bidirectional import (
     BidirectionalAttLossMixin,
     check_reverse_weight,
 )
+from espnet_ext.models.distill import Distiller
 
 __all__ = ["ESPnetExtASRModel"]
 
@@ -39,6 +40,9 @@ class ESPnetExtASRModel(BidirectionalAttLossMixin, ESPnetASRModel):
         aux_loss_weights: ``{aux loss name: weight}``; overrides the default weight
             the reporting module declares (e.g. ``encoder_conf.moe_balance_weight``).
             A name that no module reports is an error at the first training step.
+        distill: knowledge distillation from a trained ESPnet ASR model, ``None``
+            (default) for none; keys in :class:`espnet_ext.models.distill.Distiller`.
+            Its losses ``kd_ctc``, ``kd_dec``, ``kd_hidden`` are aux losses.
         reverse_weight: U2++ right-to-left decoder weight, ``loss_att = (1 - w) *
             l2r + w * r2l`` with a bidirectional decoder (0 = ESPnet's loss);
             see :mod:`espnet_ext.models.bidirectional`.
@@ -76,6 +80,7 @@ class ESPnetExtASRModel(BidirectionalAttLossMixin, ESPnetASRModel):
         extract_feats_in_collect_stats: bool = True,
         lang_token_id: int = -1,
         aux_loss_weights: Optional[Dict[str, float]] = None,
+        distill: Optional[Dict] = None,
         reverse_weight: float = 0.0,
     ):
         super().__init__(
@@ -115,6 +120,18 @@ class ESPnetExtASRModel(BidirectionalAttLossMixin, ESPnetASRModel):
                     f"model_conf.aux_loss_weights[{name!r}] must be >= 0, got {w}"
                 )
         self._aux_names_checked = False
+        # Knowledge distillation (espnet_ext.models.distill); the teacher is never a
+        # sub-module, only the student-side projection (if any) is.
+        self.distill = None
+        if distill is not None:
+            self.distill = Distiller(
+                distill,
+                token_list=token_list,
+                student_hidden_size=(
+                    postencoder if postencoder is not None else encoder
+                ).output_size(),
+                decoder=decoder,
+            )
         # U2++ right-to-left decoder loss weight (espnet_ext.models.bidirectional)
         self.reverse_weight = check_reverse_weight(reverse_weight)
 
@@ -132,9 +149,13 @@ class ESPnetExtASRModel(BidirectionalAttLossMixin, ESPnetASRModel):
             loss (1,), stats {name: (1,)}, weight (1,) as ESPnetASRModel.
         """
         clear_aux(self)
+        if self.distill is not None:
+            self.distill.begin(self)
         loss, stats, weight = super().forward(
             speech, speech_lengths, text, text_lengths, **kwargs
         )
+        if self.distill is not None:
+            self.distill.record(self, speech, speech_lengths)
         aux = collect_aux(self)
         self._check_aux_names(aux.losses)
         if not aux.losses and not aux.stats:
@@ -149,6 +170,15 @@ class ESPnetExtASRModel(BidirectionalAttLossMixin, ESPnetASRModel):
         extra["loss"] = loss.detach().reshape(())
         stats.update(force_gatherable(extra, loss.device))
         return loss, stats, weight
+
+    def encode(
+        self, speech: torch.Tensor, speech_lengths: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """ESPnetASRModel.encode; distillation keeps the training forward's output."""
+        encoder_out, encoder_out_lens = super().encode(speech, speech_lengths)
+        if self.distill is not None:
+            self.distill.observe_encoder(self, encoder_out, encoder_out_lens)
+        return encoder_out, encoder_out_lens
 
     def _check_aux_names(self, reported: Dict[str, torch.Tensor]) -> None:
         """A weight configured for a loss nobody reports is a typo: fail, once."""

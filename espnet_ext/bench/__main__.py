@@ -8,6 +8,7 @@ def main() -> None:
         "moe": "espnet_ext.bench.moe",
         "startup": "espnet_ext.bench.startup",
         "residual": "espnet_ext.bench.residual",
+        "shared_moe": "espnet_ext.bench.shared_moe",
         "i3d": "espnet_ext.bench.i3d",
     }
     if len(sys.argv) < 2 or sys.argv[1] not in names:

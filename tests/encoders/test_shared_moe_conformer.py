@@ -169,3 +169,25 @@ def test_shipped_recipe_config_is_at_most_a_third_of_the_dense_encoder():
     n_dense = sum(p.numel() for p in dense.parameters())
     assert n_shared <= n_dense / 3, (n_shared, n_dense)
     assert shared.parameter_formula()[0] == n_shared
+
+
+def test_dense_blocks_share_their_ffn_with_the_dense_blocks_of_their_group():
+    enc = _shared(share_group_size=2, dense_block_idx=[1, 2, 3])
+    b = enc.encoders
+    assert b[0].feed_forward is b[1].feed_forward  # dense, group 0
+    assert b[2].feed_forward is not b[3].feed_forward  # dense + MoE, group 1
+    assert b[2].self_attn.linear_q is b[3].self_attn.linear_q
+    with pytest.raises(ValueError, match="parameter_formula"):
+        enc.parameter_formula()
+    xs, lens = _inputs()
+    assert enc.train()(xs, lens)[0].shape == (2, 9, 16)
+
+
+def test_intermediate_ctc_outputs_and_all_hidden_states_as_conformer():
+    enc = _shared(share_group_size=2, interctc_layer_idx=[2]).eval()
+    xs, lens = _inputs()
+    (out, inter), olens, _ = enc(xs, lens)
+    assert [i for i, _ in inter] == [2] and inter[0][1].shape == out.shape
+    plain = _shared(share_group_size=2).eval()
+    (out, hs), olens, _ = plain(xs, lens, return_all_hs=True)
+    assert len(hs) == 4 and hs[-1].shape == out.shape

@@ -1,0 +1,249 @@
+"""``python -m espnet_ext.bench streaming``: U2++ streaming vs full context.
+
+For the recipe's U2++ configs (dense ``u2_conformer`` + ``bitransformer`` and
+``moe_conformer`` + ``moe_bitransformer``; untrained weights: only time is measured),
+decodes real speechocean762 utterances two ways with the same search (CTC prefix beam
+search, then attention rescoring by both decoders):
+
+- full context: frontend, encoder over the whole utterance, search;
+- streaming: :class:`espnet_ext.decoding.streaming.StreamingASR`, audio fed in
+  160 ms pieces, encoder chunk by chunk (``--chunk`` frames, ``--left`` left chunks)
+  with its caches, CTC prefix beam advanced per chunk, rescoring at the end.
+
+Reported per model and mode: RTF (compute time / audio time) and first-partial
+latency = audio that must arrive before the first partial result exists + the
+compute time of the call that produced it (full context: the whole utterance + the
+whole decode). All four candidates run interleaved, order rotated every round. On CPU
+the clock is this process's CPU time with one thread (``--clock cpu``), so other jobs
+starving this one do not count. Writes ``bench_results/streaming.md``.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = {
+    "dense": "egs2/speechocean762/asr1/conf/tuning/train_asr_u2_conformer.yaml",
+    "moe": "egs2/speechocean762/asr1/conf/tuning/train_asr_u2_moe_conformer.yaml",
+}
+TOKENS = (
+    ["<blank>", "<unk>", "<space>"]
+    + list("ABCDEFGHIJKLMNOPQRSTUVWXYZ'")
+    + ["<sos/eos>"]
+)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def build(config: Path, tmp: Path):
+    """A Speech2Text-like object (model, converter, tokenizer) from a training YAML."""
+    from espnet2.tasks.asr import ASRTask
+    from espnet2.text.char_tokenizer import CharTokenizer
+    from espnet2.text.token_id_converter import TokenIDConverter
+
+    tokens = tmp / "tokens.txt"
+    tokens.write_text("\n".join(TOKENS) + "\n")
+    args = ASRTask.get_parser().parse_args(
+        [
+            "--config",
+            str(config),
+            "--token_list",
+            str(tokens),
+            "--token_type",
+            "char",
+            "--normalize",
+            "utterance_mvn",
+            "--output_dir",
+            str(tmp),
+        ]
+    )
+    torch.manual_seed(0)
+    model = ASRTask.build_model(args).eval()
+    return types.SimpleNamespace(
+        asr_model=model,
+        converter=TokenIDConverter(TOKENS),
+        tokenizer=CharTokenizer(non_linguistic_symbols=None),
+    )
+
+
+def decode_full(s2t, wav, beam: int, ctc_weight: float) -> float:
+    """Full-context decode; returns the compute seconds of the clock in use."""
+    from espnet_ext.decoding.search import attention_rescoring, ctc_prefix_beam_search
+
+    model = s2t.asr_model
+    speech = torch.from_numpy(wav)[None]
+    with torch.no_grad():
+        enc, _ = model.encode(speech, torch.tensor([len(wav)]))
+        nbest = ctc_prefix_beam_search(model.ctc.log_softmax(enc)[0], beam)
+        attention_rescoring(
+            model.decoder,
+            enc[0],
+            nbest,
+            model.sos,
+            model.eos,
+            ctc_weight,
+            float(model.reverse_weight),
+        )
+
+
+def decode_stream(s2t, wav, chunk, left, beam, ctc_weight, clock):
+    """Streaming decode; returns (seconds of audio before the first partial,
+    compute seconds of the call that produced it)."""
+    from espnet_ext.decoding.streaming import StreamingASR
+
+    stream = StreamingASR(
+        s2t,
+        decoding_chunk_size=chunk,
+        num_decoding_left_chunks=left,
+        beam_size=beam,
+        ctc_weight=ctc_weight,
+    )
+    step = 16000 * 160 // 1000
+    first = None
+    for i in range(0, len(wav), step):
+        start = clock()
+        stream.accept_waveform(wav[i : i + step])
+        if first is None and stream.encoder_out:
+            first = (min(i + step, len(wav)) / 16000, clock() - start)
+    start = clock()
+    stream.finalize()
+    if first is None:  # shorter than one chunk: the first result is the final one
+        first = (len(wav) / 16000, clock() - start)
+    return first
+
+
+def run(corpus: Path, n_utts: int, repeats: int, chunk: int, left: int, clock_name):
+    import tempfile
+
+    import soundfile as sf
+
+    clock = CLOCKS[clock_name]
+    lines = (corpus / "dev" / "wav.scp").read_text().splitlines()[:n_utts]
+    wavs = [sf.read(corpus / ln.split()[1], dtype="float32")[0] for ln in lines]
+    seconds = sum(len(w) for w in wavs) / 16000
+    models = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cfg in CONFIGS.items():
+            sub = Path(tmp) / name
+            sub.mkdir()
+            models[name] = build(REPO / cfg, sub)
+    beam, ctc_weight = 10, 0.3
+    cands = [(m, mode) for m in models for mode in ("full", "stream")]
+    times: Dict[tuple, List[float]] = {c: [] for c in cands}
+    first: Dict[tuple, List[tuple]] = {c: [] for c in cands}
+    for r in range(repeats + 1):  # round 0 warms up
+        order = cands[r % len(cands) :] + cands[: r % len(cands)]
+        for m, mode in order:
+            s2t = models[m]
+            total = 0.0
+            for wav in wavs:
+                start = clock()
+                if mode == "full":
+                    decode_full(s2t, wav, beam, ctc_weight)
+                    spent = clock() - start
+                    lat = (len(wav) / 16000, spent)
+                else:
+                    lat = decode_stream(s2t, wav, chunk, left, beam, ctc_weight, clock)
+                    spent = clock() - start
+                total += spent
+                if r > 0:
+                    first[(m, mode)].append(lat)
+            if r > 0:
+                times[(m, mode)].append(total)
+    rows = []
+    for m, mode in cands:
+        rtf = statistics.median(times[(m, mode)]) / seconds
+        audio_lat = statistics.median(a for a, _ in first[(m, mode)])
+        comp_lat = statistics.median(c for _, c in first[(m, mode)])
+        rows.append((m, mode, rtf, audio_lat, comp_lat))
+    params = {
+        m: sum(p.numel() for p in s.asr_model.parameters()) / 1e6
+        for m, s in models.items()
+    }
+    return rows, params, seconds
+
+
+def render(rows, params, seconds, n_utts, repeats, chunk, left, clock_name) -> str:
+    lines = [
+        f"# U2++ streaming benchmark (cpu, 1 thread, {clock_name} clock, torch "
+        f"{torch.__version__})",
+        "",
+        f"{n_utts} real speechocean762 dev utterances ({seconds:.1f} s), median of "
+        f"{repeats} interleaved rounds; untrained recipe models "
+        f"(`train_asr_u2_conformer.yaml`, `train_asr_u2_moe_conformer.yaml`); "
+        f"streaming: chunk {chunk} encoder frames, {left} left chunks, audio fed in "
+        "160 ms pieces; both modes: CTC prefix beam 10, attention rescoring.",
+        "",
+        "| model | params (M) | mode | RTF | first partial: audio needed (s) | "
+        "+ compute (ms) |",
+        "|---|---|---|---|---|---|",
+    ]
+    by = {}
+    for m, mode, rtf, a, c in rows:
+        by[(m, mode)] = rtf
+        lines.append(
+            f"| {m} | {params[m]:.2f} | {mode} | {rtf:.4f} | {a:.2f} | {c * 1e3:.1f} |"
+        )
+    lines.append("")
+    for m in params:
+        lines.append(
+            f"- {m}: streaming RTF / full-context RTF = "
+            f"{by[(m, 'stream')] / by[(m, 'full')]:.2f}"
+        )
+    moe_over_dense = by[("moe", "stream")] / by[("dense", "stream")]
+    lines.append(f"- streaming MoE / dense RTF = {moe_over_dense:.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--utterances", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--chunk", type=int, default=16)
+    p.add_argument("--left", type=int, default=4)
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
+    p.add_argument(
+        "--corpus",
+        type=Path,
+        default=Path(
+            os.environ.get("ESPNET_EXT_SHARED_DATA", REPO.parent / "shared" / "data")
+        )
+        / "speechocean762",
+    )
+    p.add_argument("--out", type=Path, default=Path("bench_results/streaming.md"))
+    args = p.parse_args(argv)
+    if not (args.corpus / "dev" / "wav.scp").exists():
+        sys.exit(f"real speech not found at {args.corpus}; pass --corpus")
+    if args.chunk <= 0:
+        sys.exit(f"--chunk must be > 0, got {args.chunk}")
+    torch.set_num_threads(1)
+    rows, params, seconds = run(
+        args.corpus, args.utterances, args.repeats, args.chunk, args.left, args.clock
+    )
+    report = render(
+        rows,
+        params,
+        seconds,
+        args.utterances,
+        args.repeats,
+        args.chunk,
+        args.left,
+        args.clock,
+    )
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    print(f"[bench streaming] written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

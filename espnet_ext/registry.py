@@ -41,6 +41,10 @@ _SHARED_MOE_CONFORMER = (
 _U2_CONFORMER = "espnet_ext.encoders.u2_conformer:U2ConformerEncoder"
 _BITRANSFORMER = "espnet_ext.decoders.bitransformer:BiTransformerDecoder"
 _MOE_BITRANSFORMER = "espnet_ext.decoders.moe_bitransformer:MoEBiTransformerDecoder"
+
+_SAML_CONFORMER = "espnet_ext.encoders.saml_conformer:SAMLConformerEncoder"
+_SAML_TRANSFORMER = "espnet_ext.decoders.saml_transformer:SAMLTransformerDecoder"
+_SAML_ADAPTER_INSTALL = "espnet_ext.adapters.saml:install_into_espnet"
 _I3D_CONFORMER = "espnet_ext.encoders.i3d_conformer:I3DConformerEncoder"
 _I3D_TRANSFORMER = "espnet_ext.encoders.i3d_transformer:I3DTransformerEncoder"
 
@@ -82,6 +86,15 @@ ENTRIES: Tuple[Entry, ...] = (
     # model: espnet_ext; ST's decoders see only left to right)
     Entry(_ASR, "decoder_choices", "bitransformer", _BITRANSFORMER),
     Entry(_ASR, "decoder_choices", "moe_bitransformer", _MOE_BITRANSFORMER),
+)
+
+# SAML (arXiv 2406.19706): mixtures of LoRA experts on the attention projections, ASR
+# and ST (the adapter form, ``adapter: saml``, is registered separately)
+ENTRIES += (
+    Entry(_ASR, "encoder_choices", "saml_conformer", _SAML_CONFORMER),
+    Entry(_ST, "encoder_choices", "saml_conformer", _SAML_CONFORMER),
+    Entry(_ASR, "decoder_choices", "saml_transformer", _SAML_TRANSFORMER),
+    Entry(_ST, "decoder_choices", "saml_transformer", _SAML_TRANSFORMER),
 )
 
 TASK_MODULES = frozenset(e.task for e in ENTRIES)

@@ -8,6 +8,7 @@ def main() -> None:
         "moe": "espnet_ext.bench.moe",
         "startup": "espnet_ext.bench.startup",
         "residual": "espnet_ext.bench.residual",
+        "saml": "espnet_ext.bench.saml",
         "streaming": "espnet_ext.bench.streaming",
         "shared_moe": "espnet_ext.bench.shared_moe",
         "i3d": "espnet_ext.bench.i3d",

@@ -1,0 +1,1 @@
+"""Adapters added to ESPnet's ``--adapter`` choices (``adapter: saml``)."""

@@ -370,7 +370,9 @@ class ChunkEncoderMixin:
         """
         if self.training:
             raise ValueError("forward_chunk is for inference: call .eval() first")
-        self.check_streamable()
+        if not self.__dict__.get("_u2_streamable", False):
+            self.check_streamable()  # once: the per-chunk cost would add up
+            self.__dict__["_u2_streamable"] = True
         state = state or self.init_chunk_state()
         conv, linear, pos_enc = _embed_parts(self.embed)
         x = conv(xs.unsqueeze(1))  # (B, C, t, F')

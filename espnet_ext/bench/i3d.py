@@ -35,7 +35,10 @@ import yaml
 from espnet_ext.bench.residual import CLOCKS, real_utterances, time_paired
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = ("egs2/speechocean762/asr1/conf/tuning/train_asr_i3d_conformer.yaml",)
+CONFIGS = (
+    "conf/train_asr_i3d_conformer.yaml",
+    "egs2/speechocean762/asr1/conf/tuning/train_asr_i3d_conformer.yaml",
+)
 GATE_KEYS = (
     "gate_type",
     "gate_threshold",

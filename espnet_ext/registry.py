@@ -183,6 +183,29 @@ def register_into(module) -> None:
                 )
         choices.classes[e.key] = cls
         _install_hint(choices, task, e.choices)
+    _run_post_register(task, module)
+
+
+# Extensions of ESPnet entry points beyond the choices tables, run once a task module
+# is registered: "task" -> "module:function(task_module)". They must leave ESPnet's
+# behaviour unchanged unless one of our options is used.
+POST_REGISTER: Dict[str, Tuple[str, ...]] = {
+    # U2++ decoding modes and chunk settings for espnet2.bin.asr_inference
+    _ASR: ("espnet_ext.decoding.inference_hook:install",),
+}
+
+
+def _run_post_register(task: str, module) -> None:
+    import logging
+
+    for path in POST_REGISTER.get(task, ()):
+        try:
+            load_class(path)(module)
+        except Exception as e:  # an optional extension must never block ESPnet
+            logging.getLogger("espnet_ext").warning(
+                f"espnet_ext: {path} could not be installed ({e!r}); its options "
+                f"are unavailable, ESPnet itself is unaffected"
+            )
 
 
 def _required_bases(task: str, choices_name: str, choices) -> List[type]:

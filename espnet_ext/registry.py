@@ -89,7 +89,7 @@ ENTRIES: Tuple[Entry, ...] = (
 )
 
 # SAML (arXiv 2406.19706): mixtures of LoRA experts on the attention projections, ASR
-# and ST (the adapter form, ``adapter: saml``, is registered separately)
+# and ST (the adapter form, ``adapter: saml``, is in POST_REGISTER below)
 ENTRIES += (
     Entry(_ASR, "encoder_choices", "saml_conformer", _SAML_CONFORMER),
     Entry(_ST, "encoder_choices", "saml_conformer", _SAML_CONFORMER),
@@ -193,6 +193,9 @@ POST_REGISTER: Dict[str, Tuple[str, ...]] = {
     # U2++ decoding modes and chunk settings for espnet2.bin.asr_inference
     _ASR: ("espnet_ext.decoding.inference_hook:install",),
 }
+# SAML: ``adapter: saml`` in ESPnet's hard-coded --adapter choices and adapter table
+for _task in (_ASR, _ST):
+    POST_REGISTER[_task] = POST_REGISTER.get(_task, ()) + (_SAML_ADAPTER_INSTALL,)
 
 
 def _run_post_register(task: str, module) -> None:

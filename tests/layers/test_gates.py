@@ -41,7 +41,7 @@ def test_masked_mean_ignores_padding():
 def test_predictor_starts_open_and_espnet_init_keeps_the_bias():
     p = GatePredictor(8, 3, 4, init_bias=2.0)
     torch.nn.init.zeros_(p.net[-1].bias)  # what ESPnet's init: xavier_* does
-    p.reset_bias()
+    p.espnet_initialization_fn()  # what ESPnet calls after it
     assert torch.all(p.net[-1].bias == 2.0)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -110,14 +111,12 @@ def test_start_up_hook_is_installed_in_this_environment():
 def test_unknown_name_error_lists_ours_and_suggests():
     import espnet2.tasks.asr as asr
 
-    with pytest.raises(
-        ValueError,
-        match=(
-            r"espnet_ext provides --encoder: moe_conformer.*"
-            r"Did you mean: moe_conformer"
-        ),
-    ):
+    with pytest.raises(ValueError) as err:
         asr.encoder_choices.get_class("moe_conformr")
+    provided = re.search(r"espnet_ext provides --encoder: ([^.]*)\.", str(err.value))
+    assert provided, str(err.value)
+    assert "moe_conformer" in provided.group(1).split(", ")
+    assert re.search(r"Did you mean: moe_conformer\b", str(err.value))
 
 
 def test_table_is_valid():

@@ -321,9 +321,17 @@ class I3DGatingMixin(AuxRecorder):
         tau = self.gate_tau_init * torch.exp(-self.gate_tau_decay * step)
         return tau.clamp(min=self.gate_tau_min)
 
-    def _i3d_forward(self, run, xs_pad: torch.Tensor, ilens: torch.Tensor, masks):
-        """Run ESPnet's forward (``run()``) with the gates live, then record the
-        depth cost and statistics."""
+    def forward(
+        self,
+        xs_pad: torch.Tensor,
+        ilens: torch.Tensor,
+        prev_states: torch.Tensor = None,
+        masks: torch.Tensor = None,
+        ctc=None,
+        return_all_hs: bool = False,
+    ):
+        """ESPnet's encoder forward (the next class in the MRO) with the gates live,
+        then the depth cost and statistics recorded. Same arguments and outputs."""
         clear_aux(self, owner=f"encoder {self._i3d_name!r}")
         if masks is None:
             input_mask = (
@@ -342,7 +350,14 @@ class I3DGatingMixin(AuxRecorder):
         for m in carriers:
             m.__dict__["_i3d_ctx"] = ctx
         try:
-            out = run()
+            out = super().forward(
+                xs_pad,
+                ilens,
+                prev_states,
+                masks=masks,
+                ctc=ctc,
+                return_all_hs=return_all_hs,
+            )
         finally:
             for m in carriers:
                 m.__dict__.pop("_i3d_ctx", None)

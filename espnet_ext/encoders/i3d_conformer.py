@@ -7,10 +7,8 @@ module is not computed and the residual passes unchanged. The skeleton is ESPnet
 ``ConformerEncoder`` untouched; see :mod:`espnet_ext.encoders.i3d_common`.
 """
 
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Union
 
-import torch
-from espnet2.asr.ctc import CTC
 from espnet2.asr.encoder.conformer_encoder import ConformerEncoder
 from typeguard import typechecked
 
@@ -133,27 +131,4 @@ class I3DConformerEncoder(I3DGatingMixin, ConformerEncoder):
             gate_tau_decay=gate_tau_decay,
             gate_hidden_units=gate_hidden_units,
             gate_init_bias=gate_init_bias,
-        )
-
-    def forward(
-        self,
-        xs_pad: torch.Tensor,
-        ilens: torch.Tensor,
-        prev_states: torch.Tensor = None,
-        masks: torch.Tensor = None,
-        ctc: CTC = None,
-        return_all_hs: bool = False,
-    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        return self._i3d_forward(
-            lambda: super(I3DConformerEncoder, self).forward(
-                xs_pad,
-                ilens,
-                prev_states,
-                masks=masks,
-                ctc=ctc,
-                return_all_hs=return_all_hs,
-            ),
-            xs_pad,
-            ilens,
-            masks,
         )

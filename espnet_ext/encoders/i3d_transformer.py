@@ -8,10 +8,8 @@ skeleton is ESPnet's ``TransformerEncoder`` untouched; see
 :mod:`espnet_ext.encoders.i3d_common`.
 """
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
-import torch
-from espnet2.asr.ctc import CTC
 from espnet2.asr.encoder.transformer_encoder import TransformerEncoder
 from espnet.nets.pytorch_backend.transformer.embedding import PositionalEncoding
 from typeguard import typechecked
@@ -104,27 +102,4 @@ class I3DTransformerEncoder(I3DGatingMixin, TransformerEncoder):
             gate_tau_decay=gate_tau_decay,
             gate_hidden_units=gate_hidden_units,
             gate_init_bias=gate_init_bias,
-        )
-
-    def forward(
-        self,
-        xs_pad: torch.Tensor,
-        ilens: torch.Tensor,
-        prev_states: torch.Tensor = None,
-        masks: torch.Tensor = None,
-        ctc: CTC = None,
-        return_all_hs: bool = False,
-    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        return self._i3d_forward(
-            lambda: super(I3DTransformerEncoder, self).forward(
-                xs_pad,
-                ilens,
-                prev_states,
-                masks=masks,
-                ctc=ctc,
-                return_all_hs=return_all_hs,
-            ),
-            xs_pad,
-            ilens,
-            masks,
         )

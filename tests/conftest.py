@@ -30,6 +30,43 @@ def speechocean() -> Path:
     return corpus
 
 
+def real_speech_batch(corpus: Path, n: int, space: str = " "):
+    """The first ``n`` training utterances as an ESPnet model batch, character targets.
+
+    Returns ``(tokens, batch, wav_paths)``: ``tokens`` is ``<blank>``, ``<unk>``, the
+    word separator (``space``: the raw character or ESPnet's ``<space>``), the other
+    characters of these transcripts sorted, ``<sos/eos>``; ``batch`` holds padded
+    ``speech`` (B, S), ``speech_lengths`` (B,), ``text`` (B, L) padded with -1 and
+    ``text_lengths`` (B,).
+    """
+    import soundfile as sf
+    import torch
+
+    lines = (corpus / "train/wav.scp").read_text().splitlines()[:n]
+    wav = [ln.split() for ln in lines]
+    text = dict(
+        ln.split(" ", 1) for ln in (corpus / "train/text").read_text().splitlines()
+    )
+    used = {c for k, _ in wav for c in text[k]}
+    tokens = ["<blank>", "<unk>"]
+    if " " in used:
+        tokens.append(space)
+    tokens += [*sorted(used - {" "}), "<sos/eos>"]
+    audio = [torch.tensor(sf.read(corpus / p, dtype="float32")[0]) for _, p in wav]
+    ids = [
+        torch.tensor([tokens.index(space if c == " " else c) for c in text[k]])
+        for k, _ in wav
+    ]
+    pad = torch.nn.utils.rnn.pad_sequence
+    batch = dict(
+        speech=pad(audio, batch_first=True),
+        speech_lengths=torch.tensor([len(a) for a in audio]),
+        text=pad(ids, batch_first=True, padding_value=-1),
+        text_lengths=torch.tensor([len(i) for i in ids]),
+    )
+    return tokens, batch, [corpus / p for _, p in wav]
+
+
 def run_python(code: str, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
     """Run ``code`` as a script in a fresh interpreter, as ESPnet's entry points run.
 

@@ -13,10 +13,9 @@ import argparse
 import random
 
 import pytest
-import soundfile as sf
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, real_speech_batch
 
 TINY = sorted((REPO / "tests" / "conf").glob("tiny_*.yaml"))
 
@@ -64,25 +63,7 @@ def _cases():
 
 @pytest.fixture(scope="module")
 def real_batch(speechocean):
-    lines = (speechocean / "train/wav.scp").read_text().splitlines()[:2]
-    wav = [ln.split() for ln in lines]
-    text = dict(
-        ln.split(" ", 1) for ln in (speechocean / "train/text").read_text().splitlines()
-    )
-    chars = sorted({c for k, _ in wav for c in text[k].replace(" ", "_")})
-    tokens = ["<blank>", "<unk>", *chars, "<sos/eos>"]
-    audio = [torch.tensor(sf.read(speechocean / p, dtype="float32")[0]) for _, p in wav]
-    ids = [
-        torch.tensor([tokens.index(c) for c in text[k].replace(" ", "_")])
-        for k, _ in wav
-    ]
-    pad = torch.nn.utils.rnn.pad_sequence
-    return tokens, dict(
-        speech=pad(audio, batch_first=True),
-        speech_lengths=torch.tensor([len(a) for a in audio]),
-        text=pad(ids, batch_first=True, padding_value=-1),
-        text_lengths=torch.tensor([len(i) for i in ids]),
-    )
+    return real_speech_batch(speechocean, 2)[:2]
 
 
 def _build(config, overrides, tokens):

@@ -7,6 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
+from conftest import real_speech_batch
 from espnet2.tasks.asr import ASRTask
 
 from espnet_ext.models.distill import Distiller
@@ -174,36 +175,14 @@ def test_clear_errors(teacher_files, tmp_path):
 # ----- real speech: a short KD run, then the packed student without its teacher -------
 
 
-def _speech_batch(corpus, n=4):
-    lines = (corpus / "train/wav.scp").read_text().splitlines()[:n]
-    wav = [ln.split() for ln in lines]
-    text = dict(
-        ln.split(" ", 1) for ln in (corpus / "train/text").read_text().splitlines()
-    )
-    chars = sorted({c for k, _ in wav for c in text[k]} - {" "})
-    tokens = ["<blank>", "<unk>", "<space>", *chars, "<sos/eos>"]
-    audio = [torch.tensor(sf.read(corpus / p, dtype="float32")[0]) for _, p in wav]
-    ids = [
-        torch.tensor([tokens.index("<space>" if c == " " else c) for c in text[k]])
-        for k, _ in wav
-    ]
-    pad = torch.nn.utils.rnn.pad_sequence
-    batch = dict(
-        speech=pad(audio, batch_first=True),
-        speech_lengths=torch.tensor([len(a) for a in audio]),
-        text=pad(ids, batch_first=True, padding_value=-1),
-        text_lengths=torch.tensor([len(i) for i in ids]),
-    )
-    return tokens, batch, corpus / wav[0][1]
-
-
 @pytest.fixture(scope="module")
 def kd_run(speechocean, tmp_path_factory):
     """A tiny teacher trained for a few steps, and a shared_moe_conformer student of
     another width trained for a few steps with every KD term on real speech; its
     files saved."""
     root = tmp_path_factory.mktemp("kd")
-    tokens, batch, wav = _speech_batch(speechocean)
+    tokens, batch, wavs = real_speech_batch(speechocean, 4, space="<space>")
+    wav = wavs[0]
     config, model_file, teacher = make_teacher(root / "teacher", tokens=tokens)
     # A teacher that knows something about this batch (a random one predicts nearly
     # uniform posteriors, which the student's own loss then pulls it away from).

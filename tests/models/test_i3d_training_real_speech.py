@@ -2,8 +2,8 @@
 executed depth of an I3D encoder (model: espnet_ext adds the cost to the loss)."""
 
 import pytest
-import soundfile as sf
 import torch
+from conftest import real_speech_batch
 from espnet2.asr.ctc import CTC
 from espnet2.asr.decoder.transformer_decoder import TransformerDecoder
 from espnet2.asr.frontend.default import DefaultFrontend
@@ -13,26 +13,6 @@ from espnet_ext.encoders.i3d_conformer import I3DConformerEncoder
 from espnet_ext.models.asr_model import ESPnetExtASRModel
 
 pytestmark = pytest.mark.slow
-
-
-def _batch(corpus, n):
-    """n real utterances of the training list, character targets."""
-    lines = (corpus / "train/wav.scp").read_text().splitlines()[:n]
-    wav = [ln.split() for ln in lines]
-    text = dict(
-        ln.split(" ", 1) for ln in (corpus / "train/text").read_text().splitlines()
-    )
-    chars = sorted({c for k, _ in wav for c in text[k]})
-    tokens = ["<blank>", "<unk>", *chars, "<sos/eos>"]
-    audio = [torch.tensor(sf.read(corpus / p, dtype="float32")[0]) for _, p in wav]
-    ids = [torch.tensor([tokens.index(c) for c in text[k]]) for k, _ in wav]
-    pad = torch.nn.utils.rnn.pad_sequence
-    return tokens, dict(
-        speech=pad(audio, batch_first=True),
-        speech_lengths=torch.tensor([len(a) for a in audio]),
-        text=pad(ids, batch_first=True, padding_value=-1),
-        text_lengths=torch.tensor([len(i) for i in ids]),
-    )
 
 
 def _executed_fraction(model, batch) -> float:
@@ -45,7 +25,7 @@ def _executed_fraction(model, batch) -> float:
 
 @pytest.mark.parametrize("gate_type", ["local", "global"])
 def test_strong_depth_cost_lowers_the_executed_depth(speechocean, gate_type):
-    tokens, batch = _batch(speechocean, n=4)
+    tokens, batch, _ = real_speech_batch(speechocean, 4)
     torch.manual_seed(0)
     v, d = len(tokens), 32
     model = ESPnetExtASRModel(

@@ -1,8 +1,8 @@
 """A short training run on real speech lowers the loss of MoE encoder + MoE decoder."""
 
 import pytest
-import soundfile as sf
 import torch
+from conftest import real_speech_batch
 from espnet2.asr.ctc import CTC
 from espnet2.asr.frontend.default import DefaultFrontend
 from espnet2.layers.utterance_mvn import UtteranceMVN
@@ -14,27 +14,8 @@ from espnet_ext.models.asr_model import ESPnetExtASRModel
 pytestmark = pytest.mark.slow
 
 
-def _batch(corpus, n=6):
-    lines = (corpus / "train/wav.scp").read_text().splitlines()[:n]
-    wav = [ln.split() for ln in lines]
-    text = dict(
-        ln.split(" ", 1) for ln in (corpus / "train/text").read_text().splitlines()
-    )
-    chars = sorted({c for k, _ in wav for c in text[k]})
-    tokens = ["<blank>", "<unk>", *chars, "<sos/eos>"]
-    audio = [torch.tensor(sf.read(corpus / p, dtype="float32")[0]) for _, p in wav]
-    ids = [torch.tensor([tokens.index(c) for c in text[k]]) for k, _ in wav]
-    pad = torch.nn.utils.rnn.pad_sequence
-    return tokens, dict(
-        speech=pad(audio, batch_first=True),
-        speech_lengths=torch.tensor([len(a) for a in audio]),
-        text=pad(ids, batch_first=True, padding_value=-1),
-        text_lengths=torch.tensor([len(i) for i in ids]),
-    )
-
-
 def test_moe_encoder_and_decoder_training_lowers_the_loss(speechocean):
-    tokens, batch = _batch(speechocean)
+    tokens, batch, _ = real_speech_batch(speechocean, 6)
     torch.manual_seed(0)
     v, d = len(tokens), 32
     model = ESPnetExtASRModel(

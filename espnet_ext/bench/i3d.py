@@ -24,7 +24,6 @@ Writes a Markdown report to ``--out`` (default ``bench_results/i3d.md``).
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -32,7 +31,12 @@ from typing import Dict, List
 import torch
 import yaml
 
-from espnet_ext.bench.residual import CLOCKS, real_utterances, time_paired
+from espnet_ext.bench.residual import (
+    CLOCKS,
+    real_utterances,
+    shared_corpus,
+    time_paired,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = (
@@ -281,10 +285,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--corpus",
         type=Path,
-        default=Path(
-            os.environ.get("ESPNET_EXT_SHARED_DATA", REPO.parent / "shared" / "data")
-        )
-        / "speechocean762",
+        default=shared_corpus(),
     )
     p.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
     p.add_argument(

@@ -90,6 +90,13 @@ def build_pair(config: Path):
     return dense, residual, frontend_conf, enc_conf
 
 
+def shared_corpus() -> Path:
+    """speechocean762 in the shared data dir (``ESPNET_EXT_SHARED_DATA`` overrides its
+    parent), the benchmarks' default ``--corpus``."""
+    root = os.environ.get("ESPNET_EXT_SHARED_DATA", REPO.parent / "shared" / "data")
+    return Path(root) / "speechocean762"
+
+
 def real_utterances(corpus: Path, n_utts: int, frontend_conf: dict):
     """[(1, T, n_mels) features, (1,) lengths] per utterance, and total seconds."""
     import soundfile as sf
@@ -314,10 +321,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--corpus",
         type=Path,
-        default=Path(
-            os.environ.get("ESPNET_EXT_SHARED_DATA", REPO.parent / "shared" / "data")
-        )
-        / "speechocean762",
+        default=shared_corpus(),
     )
     p.add_argument(
         "--clock",

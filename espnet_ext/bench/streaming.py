@@ -19,15 +19,15 @@ starving this one do not count. Writes ``bench_results/streaming.md``.
 """
 
 import argparse
-import os
 import statistics
 import sys
-import time
 import types
 from pathlib import Path
 from typing import Dict, List
 
 import torch
+
+from espnet_ext.bench.residual import CLOCKS, shared_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = {
@@ -39,7 +39,6 @@ TOKENS = (
     + list("ABCDEFGHIJKLMNOPQRSTUVWXYZ'")
     + ["<sos/eos>"]
 )
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def build(config: Path, tmp: Path):
@@ -218,10 +217,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--corpus",
         type=Path,
-        default=Path(
-            os.environ.get("ESPNET_EXT_SHARED_DATA", REPO.parent / "shared" / "data")
-        )
-        / "speechocean762",
+        default=shared_corpus(),
     )
     p.add_argument("--out", type=Path, default=Path("bench_results/streaming.md"))
     args = p.parse_args(argv)

@@ -242,11 +242,11 @@ class U2Search(torch.nn.Module):
         self.__dict__["model"] = model
         self.beam_size = beam_size
         self.ctc_weight = ctc_weight
-        if reverse_weight is None:
-            reverse_weight = float(getattr(model, "reverse_weight", 0.0))
-            if not getattr(model.decoder, "bidirectional", False):
-                reverse_weight = 0.0
-        self.reverse_weight = reverse_weight
+        # Lazily, as in forward: every process importing espnet2.tasks.asr loads
+        # this module, and most never build a U2 search.
+        from espnet_ext.decoding.search import resolve_reverse_weight
+
+        self.reverse_weight = resolve_reverse_weight(model, reverse_weight)
         self.sos = sos
         self.eos = eos
 

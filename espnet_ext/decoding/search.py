@@ -28,6 +28,7 @@ __all__ = [
     "attention_scores",
     "RescoredHyp",
     "attention_rescoring",
+    "resolve_reverse_weight",
 ]
 
 _NEG_INF = -float("inf")
@@ -183,6 +184,17 @@ class RescoredHyp(NamedTuple):
     ctc: float
     l2r: float
     r2l: Optional[float]
+
+
+def resolve_reverse_weight(model, reverse_weight: Optional[float]) -> float:
+    """The right-to-left weight of rescoring: ``reverse_weight`` if given, else the
+    model's training ``reverse_weight``; 0 for a decoder without a right-to-left
+    branch."""
+    if reverse_weight is not None:
+        return reverse_weight
+    if not getattr(model.decoder, "bidirectional", False):
+        return 0.0
+    return float(getattr(model, "reverse_weight", 0.0))
 
 
 @torch.no_grad()

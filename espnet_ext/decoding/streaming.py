@@ -28,7 +28,11 @@ from typing import List, NamedTuple, Optional
 import numpy as np
 import torch
 
-from espnet_ext.decoding.search import CTCPrefixBeamSearch, attention_rescoring
+from espnet_ext.decoding.search import (
+    CTCPrefixBeamSearch,
+    attention_rescoring,
+    resolve_reverse_weight,
+)
 
 __all__ = ["StreamingASR", "PartialResult"]
 
@@ -91,11 +95,7 @@ class StreamingASR:
         self.left = num_decoding_left_chunks
         self.beam_size = beam_size
         self.ctc_weight = ctc_weight
-        if reverse_weight is None:
-            reverse_weight = float(getattr(model, "reverse_weight", 0.0))
-            if not getattr(model.decoder, "bidirectional", False):
-                reverse_weight = 0.0
-        self.reverse_weight = reverse_weight
+        self.reverse_weight = resolve_reverse_weight(model, reverse_weight)
         self.final_mode = final_mode
         self.rate, self.right = encoder.streaming_context()
         self.device = next(model.parameters()).device

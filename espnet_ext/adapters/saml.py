@@ -180,7 +180,10 @@ def attach_saml(
     if mixing not in MIXINGS:
         raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
     if quantize != "none" and not freeze_base:
-        raise ValueError("quantize needs freeze_base: a quantised base cannot train")
+        raise ValueError(
+            f"quantize: {quantize} needs freeze_base: true (a quantised base "
+            "cannot train)"
+        )
     names = set()
     for t in target_modules:
         if t in TARGET_ALIASES:

@@ -82,11 +82,6 @@ class SAMLTransformerDecoder(TransformerDecoder):
             use_flash_attn=use_flash_attn,
             gradient_checkpoint_layers=gradient_checkpoint_layers,
         )
-        if quantize != "none" and not freeze_base:
-            raise ValueError(
-                f"quantize: {quantize} needs freeze_base: true (a quantised base "
-                f"cannot train)"
-            )
         attach_saml(
             self,
             num_experts=num_experts,

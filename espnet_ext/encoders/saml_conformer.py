@@ -124,11 +124,6 @@ class SAMLConformerEncoder(ConformerEncoder):
             qk_norm=qk_norm,
             use_flash_attn=use_flash_attn,
         )
-        if quantize != "none" and not freeze_base:
-            raise ValueError(
-                f"quantize: {quantize} needs freeze_base: true (a quantised base "
-                f"cannot train)"
-            )
         attach_saml(
             self,
             num_experts=num_experts,

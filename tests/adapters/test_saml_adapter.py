@@ -164,6 +164,17 @@ def test_espnet_accepts_adapter_saml():
     assert "saml_routers.encoder__self_attn.linear.weight" in model.state_dict()
 
 
+def random_whisper(whisper, dims):
+    """Whisper with random weights, every one of them finite.
+
+    ``TextDecoder.positional_embedding`` is ``torch.empty`` (checkpoints fill it), so
+    without this it holds whatever the allocator returns, NaN included.
+    """
+    model = whisper.model.Whisper(dims)
+    torch.nn.init.normal_(model.decoder.positional_embedding, std=0.02)
+    return model
+
+
 def test_attaches_to_whisper_built_from_model_dimensions():
     whisper = pytest.importorskip("whisper")
     dims = whisper.model.ModelDimensions(
@@ -179,7 +190,7 @@ def test_attaches_to_whisper_built_from_model_dimensions():
         n_text_layer=2,
     )
     torch.manual_seed(0)
-    base = whisper.model.Whisper(dims).eval()
+    base = random_whisper(whisper, dims).eval()
     model = copy.deepcopy(base)
     groups = attach_saml(model, **CONF)
     assert sorted(groups) == ["decoder__attn", "decoder__cross_attn", "encoder__attn"]
@@ -211,7 +222,7 @@ def test_attaches_to_espnet_whisper_encoder_without_download(monkeypatch):
         n_text_layer=1,
     )
     torch.manual_seed(0)
-    random_model = whisper.model.Whisper(dims)
+    random_model = random_whisper(whisper, dims)
     monkeypatch.setattr(whisper, "load_model", lambda *a, **k: random_model)
     # ESPnet 202511 imports whisper.audio.N_MELS (80), which openai-whisper removed
     # in its 2024 releases (mel_filters takes n_mels since large-v3).

@@ -249,9 +249,15 @@ class Distiller(AuxRecorder, torch.nn.Module):
                 )
         from espnet2.tasks.asr import ASRTask
 
-        model, _ = ASRTask.build_model_from_file(
-            self.teacher_config, self.teacher_model, str(device)
-        )
+        # Building the teacher initialises its parameters (then overwritten by its
+        # checkpoint) from the global RNG: without the fork, a run resumed at epoch
+        # N (teacher built in epoch N) draws other dropout masks than the run that
+        # built it in epoch 1, and resuming would not be exact.
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            model, _ = ASRTask.build_model_from_file(
+                self.teacher_config, self.teacher_model, str(device)
+            )
         teacher_tokens = list(model.token_list)
         if teacher_tokens != self.token_list:
             diff = next(

@@ -11,7 +11,9 @@ unless a U2++ option is set:
    (asr_inference's) gets the options below; they are taken out of the parsed
    namespace again (``inference()`` does not know them) and kept for this process.
 2. ``ASRTask.build_model_from_file``: the model built for decoding gets the encoder's
-   decoding chunk settings.
+   decoding chunk settings and, if it uses any class of ours, a clear error for an
+   utterance too short for its front end (:func:`guard_short_input`; ESPnet's STFT
+   otherwise fails with a padding-size error that names no utterance length).
 3. ``BeamSearch.__init__`` / ``forward``: with a CTC or rescoring mode, the beam
    search object asr_inference builds runs our search instead and returns ESPnet
    ``Hypothesis`` objects, so ``1best_recog/{text,token,token_int,score}`` and the
@@ -45,6 +47,7 @@ __all__ = [
     "configure_model",
     "configure_speech2text",
     "U2Search",
+    "guard_short_input",
 ]
 
 MODES = ("attention", "ctc_greedy", "ctc_prefix_beam", "attention_rescoring")
@@ -341,9 +344,49 @@ def _wrap_beam_search_forward(original):
     return forward
 
 
+def _uses_our_classes(model: torch.nn.Module) -> bool:
+    return any(type(m).__module__.startswith("espnet_ext.") for m in model.modules())
+
+
+def guard_short_input(model: torch.nn.Module) -> None:
+    """In eval mode, refuse an utterance shorter than the front end's STFT needs with
+    an error that says so (empty wav.scp entries and 0-byte files give 0 samples).
+
+    Only for models that use a class of ours: ESPnet's own models keep ESPnet's
+    behaviour exactly. A longer utterance that is still too short for the encoder's
+    subsampling gets ESPnet's ``TooShortUttError`` (already clear).
+    """
+    frontend = getattr(model, "frontend", None)
+    stft = getattr(frontend, "stft", None)
+    if stft is None or getattr(frontend, "_espnet_ext_guarded", False):
+        return
+    if not _uses_our_classes(model):
+        return
+    # torch.stft with center=True reflect-pads n_fft // 2 samples on each side, which
+    # needs more than n_fft // 2 samples; without centring one window must fit.
+    need = stft.n_fft // 2 + 1 if getattr(stft, "center", True) else stft.n_fft
+    fs = getattr(getattr(frontend, "logmel", None), "mel_options", {}).get("sr")
+
+    def check(module, args):
+        if module.training or len(args) < 2 or args[1] is None:
+            return
+        shortest = int(args[1].min())
+        if shortest < need:
+            at = f" ({1000 * need / fs:.0f} ms at {fs} Hz)" if fs else ""
+            raise ValueError(
+                f"utterance of {shortest} samples is too short to decode: the front "
+                f"end (n_fft={stft.n_fft}) needs at least {need} samples{at}; an "
+                "empty wav.scp entry or a 0-byte audio file gives 0"
+            )
+
+    frontend.register_forward_pre_hook(check)
+    frontend.__dict__["_espnet_ext_guarded"] = True
+
+
 def _wrap_build_model_from_file(original_func):
     def build_model_from_file(cls, *args, **kwargs):
         model, train_args = original_func(cls, *args, **kwargs)
+        guard_short_input(model)
         opts = _state["options"]
         if opts is not None:
             configure_model(model, opts)

@@ -146,7 +146,9 @@ class StreamingASR:
     def _new_feature_frames(self, final: bool) -> torch.Tensor:
         """Feature frames that became final since the last call, (F, D)."""
         n = len(self.samples)
-        if n == 0:
+        if n <= self.n_fft // 2:
+            # Too short for the centred STFT's reflect padding (finalize refuses
+            # such an utterance; accept_waveform waits for more audio).
             return torch.zeros(0, 0)
         total = n // self.hop + 1  # frames of the whole signal (center=True)
         if not final:
@@ -237,6 +239,12 @@ class StreamingASR:
     @torch.no_grad()
     def finalize(self) -> PartialResult:
         """Encode the rest, rescore (``final_mode``), return the final result."""
+        need = self.n_fft // 2 + 1  # the centred STFT's reflect padding needs it
+        if len(self.samples) < need:
+            raise ValueError(
+                f"utterance of {len(self.samples)} samples is too short to decode: "
+                f"the front end (n_fft={self.n_fft}) needs at least {need} samples"
+            )
         new = self._normalise(self._new_feature_frames(final=True))
         if new.numel():
             self.feats = (

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -224,3 +225,23 @@ def test_stream_asr_cli_prints_partials_and_final(tiny_model, speechocean, capsy
                 "0",
             ]
         )
+
+
+@pytest.mark.parametrize("samples", [0, 256])
+def test_too_short_utterance_is_a_clear_error(tiny_model, samples):
+    from espnet2.bin.asr_inference import Speech2Text
+
+    s2t = Speech2Text(
+        str(tiny_model / "exp" / "config.yaml"), str(tiny_model / "exp" / "model.pth")
+    )
+    with pytest.raises(ValueError, match=f"utterance of {samples} samples is too sh"):
+        s2t(np.zeros(samples, dtype=np.float32))
+
+
+def test_espnet_models_keep_espnet_behaviour_for_short_input():
+    from espnet2.asr.frontend.default import DefaultFrontend
+
+    plain = torch.nn.Module()  # only ESPnet classes inside
+    plain.frontend = DefaultFrontend(n_fft=512, hop_length=160, n_mels=20)
+    inference_hook.guard_short_input(plain)
+    assert not plain.frontend._forward_pre_hooks

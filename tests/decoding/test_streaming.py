@@ -2,6 +2,7 @@
 
 import types
 
+import numpy as np
 import pytest
 import soundfile
 import torch
@@ -97,6 +98,14 @@ def test_streaming_equals_full_forward_with_chunk_mask(audio, feed):
     assert [t for t, _ in stream.search.nbest()] == [t for t, _ in nbest]
     assert final.final and not partials[0].final
     assert stream.first_partial_at is not None
+
+
+@pytest.mark.parametrize("samples", [0, 256])
+def test_streaming_too_short_utterance_is_a_clear_error(samples):
+    stream = StreamingASR(_speech2text(), decoding_chunk_size=4)
+    stream.accept_waveform(np.zeros(samples, dtype=np.float32))
+    with pytest.raises(ValueError, match=f"utterance of {samples} samples is too sh"):
+        stream.finalize()
 
 
 def test_streaming_bad_input():

@@ -12,6 +12,7 @@ def main() -> None:
         "streaming": "espnet_ext.bench.streaming",
         "shared_moe": "espnet_ext.bench.shared_moe",
         "i3d": "espnet_ext.bench.i3d",
+        "long_input": "espnet_ext.bench.long_input",
     }
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         sys.exit(f"usage: python -m espnet_ext.bench {{{','.join(names)}}} [options]")

@@ -143,6 +143,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
         default="valid.acc.ave.pth",
         help="checkpoint in the training dir used for decoding and packing",
     )
+    p.add_argument(
+        "--decode_tag",
+        default="",
+        help="decode the trained model again into decode_<model>_<tag>/ and "
+        "results_<tag>.json (e.g. the streaming decode of a U2++ model), leaving "
+        "the untagged decode alone",
+    )
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     p.add_argument(
         "--train_args",
@@ -329,7 +336,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
         and args.inference_model == "valid.acc.ave.pth"
     ):
         model_file = asr_dir / "latest.pth"  # a 1-epoch run may have no averaged model
-    decode_root = asr_dir / f"decode_{model_file.stem}"
+    tag = f"_{args.decode_tag}" if args.decode_tag else ""
+    decode_root = asr_dir / f"decode_{model_file.stem}{tag}"
+    results_file = exp / f"results{tag}.json"
 
     if "decode" in args.stages:
         for name in [valid_set.name, *tests]:
@@ -420,6 +429,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
             json.loads(scores_file.read_text()) if scores_file.exists() else {}
         )
         report["asr_config"] = str(args.asr_config)
+        if args.inference_config:
+            report["inference_config"] = str(args.inference_config)
+        if args.decode_tag:
+            report["decode_tag"] = args.decode_tag
         if report.get("train_phase_seconds"):
             # Training throughput: utterances seen per second of update loop.
             n_train = len(read_kaldi(train_set / "text"))
@@ -427,12 +440,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
             report["train_utts_per_second"] = (
                 n_train * report["epochs"] / report["train_phase_seconds"]
             )
-        (exp / "results.json").write_text(json.dumps(report, indent=2))
+        results_file.write_text(json.dumps(report, indent=2))
         params, enc_params = report["params"] / 1e6, report["encoder_params"] / 1e6
         _log(
             f"report: {params:.2f}M params ({enc_params:.2f}M encoder), "
             f"{report['checkpoint_mb']:.1f} MB, decoding RTF {report['rtf']:.3f} -> "
-            f"{exp / 'results.json'}"
+            f"{results_file}"
         )
 
     if "pack" in args.stages:

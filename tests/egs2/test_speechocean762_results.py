@@ -65,3 +65,25 @@ def test_collect_copies_runs_but_never_smoke_runs(results_mod, tmp_path):
         (tmp_path / "exp" / name).mkdir(parents=True)
         (tmp_path / "exp" / name / "results.json").write_text(json.dumps({"n": 1}))
     assert results_mod.collect(tmp_path / "exp", tmp_path / "res") == ["train_asr_x"]
+
+
+def test_a_tagged_decode_is_its_own_row_after_its_model(results_mod, tmp_path):
+    exp = tmp_path / "exp" / "train_asr_x"
+    exp.mkdir(parents=True)
+    (exp / "results.json").write_text(json.dumps({"asr_config": "c/x.yaml"}))
+    tagged = {
+        "asr_config": "c/x.yaml",
+        "inference_config": "conf/decode_chunk16.yaml",
+        "decode_tag": "chunk16",
+    }
+    (exp / "results_chunk16.json").write_text(json.dumps(tagged))
+    copied = results_mod.collect(tmp_path / "exp", tmp_path / "res")
+    assert copied == ["train_asr_x", "train_asr_x_chunk16"]
+    loaded = results_mod.load(
+        tmp_path / "res", [tmp_path / "train_asr_w.yaml", tmp_path / "train_asr_x.yaml"]
+    )
+    assert list(loaded) == ["train_asr_w", "train_asr_x", "train_asr_x_chunk16"]
+    assert results_mod._command("train_asr_x_chunk16", tagged) == (
+        "`./run_cpu.sh --asr_config c/x.yaml --inference_config "
+        "conf/decode_chunk16.yaml --decode_tag chunk16 --stages 'decode score report'`"
+    )

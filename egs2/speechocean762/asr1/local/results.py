@@ -41,12 +41,13 @@ COLUMNS = (
 
 
 def collect(exp_root: Path, results_dir: Path) -> List[str]:
-    """Copy ``exp_root/<name>/results.json`` to ``results_dir/<name>.json``."""
+    """Copy ``exp_root/<name>/results.json`` to ``results_dir/<name>.json`` (and a
+    tagged decode's ``results_<tag>.json`` to ``<name>_<tag>.json``)."""
     results_dir.mkdir(parents=True, exist_ok=True)
     copied = []
-    for src in sorted(exp_root.glob("*/results.json")):
-        name = src.parent.name
-        if name.endswith("_fast"):  # smoke runs never enter RESULTS
+    for src in sorted(exp_root.glob("*/results*.json")):
+        name = src.parent.name + src.stem[len("results") :]
+        if src.parent.name.endswith("_fast"):  # smoke runs never enter RESULTS
             continue
         # One trailing newline, as the pre-commit hooks want text files to end.
         text = src.read_text(encoding="utf-8").rstrip("\n") + "\n"
@@ -64,6 +65,10 @@ def load(results_dir: Path, configs: List[Path]) -> Dict[str, Optional[dict]]:
             out[name] = r
     for cfg in configs:
         out[cfg.stem] = files.get(cfg.stem)
+        # Tagged decodes of the same trained model (``--decode_tag``) follow it.
+        for name, r in sorted(files.items()):
+            if r.get("decode_tag") and name == f"{cfg.stem}_{r['decode_tag']}":
+                out[name] = r
     return out
 
 
@@ -96,6 +101,18 @@ def _num(r: dict, key: str, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
     return fmt.format(r[key] / scale) if r.get(key) is not None else "-"
 
 
+def _command(name: str, r: Optional[dict]) -> str:
+    """The run_cpu.sh command that wrote a row (a tagged decode: after training)."""
+    r = r or {}
+    config = r.get("asr_config", f"conf/tuning/{name}.yaml")
+    cmd = f"./run_cpu.sh --asr_config {config}"
+    if r.get("inference_config"):
+        cmd += f" --inference_config {r['inference_config']}"
+    if r.get("decode_tag"):
+        cmd += f" --decode_tag {r['decode_tag']} --stages 'decode score report'"
+    return f"`{cmd}`"
+
+
 def table(results: Dict[str, Optional[dict]]) -> str:
     rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for name, r in results.items():
@@ -103,7 +120,7 @@ def table(results: Dict[str, Optional[dict]]) -> str:
             cmd = f"`python3 local/{r.get('script', name + '.py')}`"
             label = f"{name} (reference: {r.get('system', name)})"
         else:
-            cmd = f"`./run_cpu.sh --asr_config conf/tuning/{name}.yaml`"
+            cmd = _command(name, r)
             label = name
         if r is None:
             rows.append(

@@ -34,11 +34,14 @@ __all__ = [
 _NEG_INF = -float("inf")
 
 
-def _logaddexp(*xs: float) -> float:
-    m = max(xs)
-    if m == _NEG_INF:
-        return _NEG_INF
-    return m + math.log(sum(math.exp(x - m) for x in xs))
+def _logaddexp(a: float, b: float) -> float:
+    """log(exp(a) + exp(b)) of two floats (the search's inner loop: plain Python
+    floats, no varargs or generators)."""
+    if a < b:
+        a, b = b, a
+    if b == _NEG_INF:
+        return a
+    return a + math.log1p(math.exp(b - a))
 
 
 def ctc_greedy_search(

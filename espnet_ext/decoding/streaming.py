@@ -228,13 +228,25 @@ class StreamingASR:
             raise ValueError("finalize() was called: reset() before a new utterance")
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         self.samples = np.concatenate([self.samples, samples])
-        new = self._normalise(self._new_feature_frames(final=False))
-        if new.numel():
-            self.feats = (
-                new if self.feats.numel() == 0 else torch.cat([self.feats, new])
-            )
-        self._run_chunks(final=False)
+        # Features are computed only when the next chunk can run: the front end's
+        # fixed cost per call would otherwise be paid for every small piece of
+        # audio (a 160 ms piece is 1/6 of a 16-frame chunk), and nothing that the
+        # partial result depends on changes in between.
+        if self._chunk_ready():
+            new = self._normalise(self._new_feature_frames(final=False))
+            if new.numel():
+                self.feats = (
+                    new if self.feats.numel() == 0 else torch.cat([self.feats, new])
+                )
+            self._run_chunks(final=False)
         return self._tokens_to_text(self.search.nbest()[0][0])
+
+    def _chunk_ready(self) -> bool:
+        """Whether the audio so far has the feature frames of the next chunk."""
+        n = len(self.samples)
+        exact = max((n - self.n_fft // 2) // self.hop + 1, 0) if n > 0 else 0
+        window = (self.chunk - 1) * self.rate + self.right + 1
+        return exact - self.cursor >= window
 
     @torch.no_grad()
     def finalize(self) -> PartialResult:

@@ -10,6 +10,7 @@ as the unpacked one.
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -359,3 +360,27 @@ def test_setup_sh_without_espnet_root_says_what_to_set(tmp_path):
         ["bash", str(RECIPE / "setup.sh")], env=env, capture_output=True, text=True
     )
     assert proc.returncode != 0 and "ESPNET_ROOT" in proc.stderr
+
+
+@pytest.mark.slow
+def test_tune_decoding_scores_its_grid_on_dev(fast_run, speechocean):
+    exp, _ = fast_run
+    cmd = [sys.executable, "local/tune_decoding.py", "--exp_dir", str(exp)]
+    cmd += ["--set", "dev_fast", "--max_utts", "2", "--ctc_weights", "0.3", "1.0"]
+    out = _run([*cmd, "--penalties", "0"], speechocean)
+    res = json.loads((exp / "tune_decoding.json").read_text())
+    assert res["set"] == "dev_fast" and res["utts"] == 2
+    assert sorted(r["ctc_weight"] for r in res["rows"]) == [0.3, 1.0]
+    assert [r["cer"] for r in res["rows"]] == sorted(r["cer"] for r in res["rows"])
+    assert "best on dev_fast" in out.stdout
+
+
+def test_tune_decoding_refuses_the_test_set(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "local/tune_decoding.py", "--exp_dir", str(tmp_path)]
+        + ["--set", "test"],
+        cwd=RECIPE,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "test must not take part" in proc.stderr

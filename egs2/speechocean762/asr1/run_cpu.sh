@@ -6,6 +6,9 @@
 #
 #   ./run_cpu.sh --asr_config conf/tuning/train_asr_moe_conformer.yaml
 #   ./run_cpu.sh --fast true          # smoke run: 80 train utterances, 1 epoch
+#   ./run_cpu.sh --asr_config conf/tuning/train_asr_u2_conformer.yaml \
+#       --inference_config conf/decode_attention_rescoring_chunk16.yaml \
+#       --decode_tag chunk16 --stages 'decode score report'   # after its training
 set -euo pipefail
 
 asr_config=conf/tuning/train_asr_conformer.yaml
@@ -17,8 +20,9 @@ fast=false
 expdir=
 datadir=data
 stages=
+decode_tag=  # decode the trained model again into its own RESULTS row, e.g. chunk16
 extra_train_args=  # appended to asr_train's arguments, e.g. "--max_epoch 3"
-usage="Usage: $0 [--asr_config yaml] [--inference_config yaml] [--feats_normalize global_mvn|utterance_mvn] [--fast true|false] [--expdir dir] [--datadir dir] [--stages 'data tokens ...'] [--train_args 'asr_train args']"
+usage="Usage: $0 [--asr_config yaml] [--inference_config yaml] [--feats_normalize global_mvn|utterance_mvn] [--fast true|false] [--expdir dir] [--datadir dir] [--stages 'data tokens ...'] [--train_args 'asr_train args'] [--decode_tag tag]"
 while [ $# -gt 0 ]; do
     case "$1" in
         --asr_config) asr_config=$2; shift 2 ;;
@@ -29,6 +33,7 @@ while [ $# -gt 0 ]; do
         --datadir) datadir=$2; shift 2 ;;
         --stages) stages=$2; shift 2 ;;
         --train_args) extra_train_args=$2; shift 2 ;;
+        --decode_tag) decode_tag=$2; shift 2 ;;
         -h|--help) echo "${usage}"; exit 0 ;;
         *) echo "$0: unknown option '$1'" >&2; echo "${usage}" >&2; exit 1 ;;
     esac
@@ -62,5 +67,5 @@ python3 -m espnet_ext.bin.asr_pipeline \
     --test_dirs "${datadir}/test${suffix}" \
     --asr_config "${asr_config}" --inference_config "${inference_config}" \
     --exp_dir "${expdir}" --train_args "${train_args} ${extra_train_args}" --rtf_utts "${rtf_utts}" \
-    --feats_normalize "${feats_normalize}" \
+    --feats_normalize "${feats_normalize}" --decode_tag "${decode_tag}" \
     "${stage_args[@]}"

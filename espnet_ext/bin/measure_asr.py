@@ -75,15 +75,25 @@ def measure(
     import yaml
     from espnet2.bin.asr_inference import Speech2Text
 
+    from espnet_ext.decoding.inference_hook import (
+        DecodeOptions,
+        configure_speech2text,
+    )
+
     torch.set_num_threads(nthreads)
     opts = yaml.safe_load(inference_config.read_text()) if inference_config else {}
     opts = {k: v for k, v in (opts or {}).items() if k not in ("batch_size",)}
+    # The U2++ decode-YAML keys are ours (asr_inference gets them through its
+    # parser hook): Speech2Text takes ESPnet's, configure_speech2text the rest.
+    u2 = {k: opts.pop(k) for k in DecodeOptions._fields if k in opts}
     s2t = Speech2Text(
         asr_train_config=str(asr_train_config),
         asr_model_file=str(asr_model_file),
         device="cpu",
         **opts,
     )
+    if u2:
+        configure_speech2text(s2t, **u2)
     model = s2t.asr_model
     wavs = list(read_kaldi(data_dir / "wav.scp").items())[:max_utts]
     if not wavs:

@@ -245,3 +245,18 @@ def test_espnet_models_keep_espnet_behaviour_for_short_input():
     plain.frontend = DefaultFrontend(n_fft=512, hop_length=160, n_mels=20)
     inference_hook.guard_short_input(plain)
     assert not plain.frontend._forward_pre_hooks
+
+
+def test_measure_asr_times_a_u2_decode_yaml(tiny_model, tmp_path):
+    from espnet_ext.bin.measure_asr import measure
+
+    conf = {"decoding_mode": "attention_rescoring", "decoding_chunk_size": 4}
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({**conf, "beam_size": 2}))
+    res = measure(
+        tiny_model / "exp" / "config.yaml",
+        tiny_model / "exp" / "model.pth",
+        tiny_model,
+        tmp_path / "d.yaml",
+        max_utts=1,
+    )
+    assert res["rtf"] > 0 and res["rtf_utts"] == 1

@@ -101,12 +101,15 @@ def _num(r: dict, key: str, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
     return fmt.format(r[key] / scale) if r.get(key) is not None else "-"
 
 
+DEFAULT_DECODE = "conf/decode_asr.yaml"  # run_cpu.sh's --inference_config default
+
+
 def _command(name: str, r: Optional[dict]) -> str:
     """The run_cpu.sh command that wrote a row (a tagged decode: after training)."""
     r = r or {}
     config = r.get("asr_config", f"conf/tuning/{name}.yaml")
     cmd = f"./run_cpu.sh --asr_config {config}"
-    if r.get("inference_config"):
+    if r.get("inference_config") not in (None, DEFAULT_DECODE):
         cmd += f" --inference_config {r['inference_config']}"
     if r.get("decode_tag"):
         cmd += f" --decode_tag {r['decode_tag']} --stages 'decode score report'"

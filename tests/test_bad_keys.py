@@ -35,3 +35,29 @@ def test_decoder_refuses_a_misspelt_key(key, path):
     cls(10, 32, **TINY_DEC)
     with pytest.raises((TypeError, ValueError), match="num_expertz"):
         cls(10, 32, **TINY_DEC, num_expertz=2)
+
+
+def _with_top_k(choices):
+    import inspect
+
+    return [
+        (key, path)
+        for key, path in _ours(choices)
+        if "top_k" in inspect.signature(registry.load_class(path)).parameters
+    ]
+
+
+@pytest.mark.parametrize("key, path", _with_top_k("encoder_choices"))
+def test_encoder_refuses_top_k_above_num_experts(key, path):
+    with pytest.raises(
+        ValueError, match=r"top_k must be in \[1, num_experts=2\], got 3"
+    ):
+        registry.load_class(path)(20, **TINY, num_experts=2, top_k=3)
+
+
+@pytest.mark.parametrize("key, path", _with_top_k("decoder_choices"))
+def test_decoder_refuses_top_k_above_num_experts(key, path):
+    with pytest.raises(
+        ValueError, match=r"top_k must be in \[1, num_experts=2\], got 3"
+    ):
+        registry.load_class(path)(10, 32, **TINY_DEC, num_experts=2, top_k=3)

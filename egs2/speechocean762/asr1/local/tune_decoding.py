@@ -6,10 +6,11 @@
 Decodes ``<exp_dir>/data/dev`` (never test) with ESPnet's ``Speech2Text`` for every
 ``--ctc_weights`` x ``--penalties`` pair (the decode YAML's ``ctc_weight`` and
 ``penalty``: a length bonus per output token, against the early ends of a weak
-attention decoder), the model loaded once, and scores CER and WER as asr.sh does
-(``espnet_ext.bin.scoring.align``). Writes ``<exp_dir>/tune_decoding.json`` and prints
-a table, best dev CER first. The recipe's ``conf/decode_asr.yaml`` is then set from
-the best pair (once, for every architecture: the RESULTS protocol has one decoding).
+attention decoder), each pair decoded as asr_inference decodes with it, and scores
+CER and WER as asr.sh does (``espnet_ext.bin.scoring.align``). Writes
+``<exp_dir>/tune_decoding.json`` (or ``--out``) and prints the best pair. The recipe's
+``conf/decode_asr.yaml`` is then set from the best pair (once, for every architecture:
+the RESULTS protocol has one decoding).
 
     python3 local/tune_decoding.py --exp_dir exp_cpu/train_asr_conformer
 """
@@ -30,6 +31,9 @@ def main(argv=None) -> None:
     p.add_argument("--penalties", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     p.add_argument("--beam_size", type=int, default=10)
     p.add_argument("--max_utts", type=int, default=None)
+    p.add_argument(
+        "--out", type=Path, default=None, help="<exp_dir>/tune_decoding.json"
+    )
     args = p.parse_args(argv)
     if args.set == "test":
         sys.exit("tune on dev: test must not take part in model selection")
@@ -49,20 +53,20 @@ def main(argv=None) -> None:
     model = asr_dir / args.model
     if not model.exists() and (asr_dir / "latest.pth").exists():
         model = asr_dir / "latest.pth"  # a 1-epoch run may have no averaged model
-    s2t = Speech2Text(
-        str(asr_dir / "config.yaml"),
-        str(model),
-        beam_size=args.beam_size,
-        ctc_weight=0.3,
-        nbest=1,
-    )
     audio = {k: sf.read(path, dtype="float32")[0] for k, path in wavs}
     rows = []
     grid = [(w, b) for w in args.ctc_weights for b in args.penalties]
     for i, (ctc_weight, penalty) in enumerate(grid, 1):
-        # Speech2Text's beam search holds its scorer weights in one dict.
-        s2t.beam_search.weights.update(
-            decoder=1.0 - ctc_weight, ctc=ctc_weight, length_bonus=penalty
+        # One Speech2Text per pair, as asr_inference builds it: ESPnet's beam search
+        # drops scorers whose weight is 0 when it is built, so changing the weights
+        # of an existing one would silently ignore a new length bonus.
+        s2t = Speech2Text(
+            str(asr_dir / "config.yaml"),
+            str(model),
+            beam_size=args.beam_size,
+            ctc_weight=ctc_weight,
+            penalty=penalty,
+            nbest=1,
         )
         start = time.perf_counter()
         chars, words = Counts(0, 0, 0, 0, 0), Counts(0, 0, 0, 0, 0)
@@ -92,7 +96,7 @@ def main(argv=None) -> None:
             flush=True,
         )
     rows.sort(key=lambda r: r["cer"])
-    out = args.exp_dir / "tune_decoding.json"
+    out = args.out or args.exp_dir / "tune_decoding.json"
     out.write_text(
         json.dumps({"set": args.set, "utts": len(wavs), "rows": rows}, indent=2) + "\n"
     )

@@ -196,7 +196,8 @@ def plot(
             ax.annotate(
                 label, (x, cer), textcoords="offset points", xytext=(5, 5), fontsize=8
             )
-        _draw_curve(ax_acc, ax_cer, r.get("curve", []), label, "-")
+        if not r.get("decode_tag"):  # a tagged decode shares its model's training
+            _draw_curve(ax_acc, ax_cer, r.get("curve", []), label, "-")
     for name, r in curves.items():
         _draw_curve(ax_acc, ax_cer, r["curve"], f"{name} (not decoded)", "--")
     ax_par.set_xlabel("parameters (M)")

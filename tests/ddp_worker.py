@@ -21,7 +21,6 @@ import copy
 import json
 import os
 import random
-import sys
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -58,8 +57,9 @@ def _weighted(loss, weight, total, world):
 
 def ddp_step_check(conf: dict, batch: dict, rank: int, world: int) -> dict:
     model = build_case(conf).train()
-    reference = copy.deepcopy(model)
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    if rank == 0:  # the one-process reference, from the same start
+        reference = copy.deepcopy(model)
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(trainable, lr=0.1)
@@ -91,7 +91,7 @@ def ddp_step_check(conf: dict, batch: dict, rank: int, world: int) -> dict:
                     b.copy_(buffers[n])
             _seed(0, r)
             loss, _, weight = reference(**shards[r])
-            (loss * weight.to(loss.dtype) / total).backward()
+            _weighted(loss, weight, total, 1).backward()
         expected = {
             n: p.grad for n, p in reference.named_parameters() if p.grad is not None
         }
@@ -127,27 +127,26 @@ def train_ddp(conf: dict, data: Path, out: Path, rank: int, world: int) -> bool:
 
 def worker(rank: int, world: int, port: int, out_dir: str, corpus: str, cases):
     out, corpus = Path(out_dir), Path(corpus)
-    tokens, batch, wav_paths = real_speech_batch(corpus, NUM_UTTS, space="<space>")
+    tokens, batch, _ = real_speech_batch(corpus, NUM_UTTS, space="<space>")
     global_batch = {k: v[:4] for k, v in batch.items()}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # A broken case must fail, not hang the test suite.
     dist.init_process_group(
         "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120)
     )
+    confs = {name: load_case(name, tokens, out / f"{name}{rank}") for name in cases}
     results = {}
     for name in cases:
         try:
-            conf = load_case(name, tokens, out / f"{name}{rank}")
-            results[name] = ddp_step_check(conf, global_batch, rank, world)
+            results[name] = ddp_step_check(confs[name], global_batch, rank, world)
         except Exception:
             results[name] = {"error": traceback.format_exc()[-2000:]}
     dist.destroy_process_group()
-    data = write_data(out / f"data{rank}", tokens, wav_paths, corpus)
+    data = write_data(out / f"data{rank}", tokens, corpus, NUM_UTTS)
     for i, name in enumerate(cases):
         os.environ["MASTER_PORT"] = str(port + 1 + i)
         try:
-            conf = load_case(name, tokens, out / f"{name}{rank}")
-            trained = train_ddp(conf, data, out / f"{name}{rank}", rank, world)
+            trained = train_ddp(confs[name], data, out / f"{name}{rank}", rank, world)
             results[name]["espnet_trainer"] = trained
         except BaseException:  # ESPnet's main may sys.exit
             results[name]["espnet_trainer"] = traceback.format_exc()[-2000:]
@@ -155,4 +154,3 @@ def worker(rank: int, world: int, port: int, out_dir: str, corpus: str, cases):
                 dist.destroy_process_group()
     if rank == 0:
         (out / "results.json").write_text(json.dumps(results, indent=1))
-    sys.stdout.flush()

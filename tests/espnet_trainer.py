@@ -10,21 +10,19 @@ from pathlib import Path
 import yaml
 
 
-def write_data(root: Path, tokens, wav_paths, corpus: Path) -> Path:
-    """Kaldi-style lists of the first ``len(wav_paths)`` training utterances of
-    ``corpus``: wav.scp, text, a key-only shape file (for ``batch_type: unsorted``)
-    and the token list."""
+def write_data(root: Path, tokens, corpus: Path, n: int) -> Path:
+    """Kaldi-style lists of the first ``n`` training utterances of ``corpus`` (those of
+    ``conftest.real_speech_batch``): wav.scp, text, a key-only shape file (for
+    ``batch_type: unsorted``) and the token list."""
     root.mkdir(parents=True, exist_ok=True)
     text = dict(
         ln.split(" ", 1) for ln in (corpus / "train/text").read_text().splitlines()
     )
-    lines = (corpus / "train/wav.scp").read_text().splitlines()[: len(wav_paths)]
-    keys = [ln.split()[0] for ln in lines]
-    (root / "wav.scp").write_text(
-        "".join(f"{k} {p}\n" for k, p in zip(keys, wav_paths))
-    )
-    (root / "text").write_text("".join(f"{k} {text[k]}\n" for k in keys))
-    (root / "shape").write_text("".join(f"{k} 1\n" for k in keys))
+    wavs = [ln.split() for ln in (corpus / "train/wav.scp").read_text().splitlines()]
+    wavs = wavs[:n]
+    (root / "wav.scp").write_text("".join(f"{k} {corpus / p}\n" for k, p in wavs))
+    (root / "text").write_text("".join(f"{k} {text[k]}\n" for k, _ in wavs))
+    (root / "shape").write_text("".join(f"{k} 1\n" for k, _ in wavs))
     (root / "tokens.txt").write_text("".join(f"{t}\n" for t in tokens))
     return root
 

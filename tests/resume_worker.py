@@ -103,7 +103,7 @@ def worker(index: int, shares, out_dir: str, corpus: str, results):
     out, corpus = Path(out_dir), Path(corpus)
     counter = _count_training_forwards()
     tokens, _, wav_paths = real_speech_batch(corpus, NUM_UTTS, space="<space>")
-    data = write_data(out / f"data{index}", tokens, wav_paths, corpus)
+    data = write_data(out / f"data{index}", tokens, corpus, NUM_UTTS)
     for name in shares[index]:
         try:
             conf = load_case(name, tokens, out / name)

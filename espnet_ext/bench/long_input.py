@@ -51,7 +51,7 @@ ESPNET_ENCODERS = {
     "transformer": "espnet2.asr.encoder.transformer_encoder:TransformerEncoder",
 }
 # Training-only keys that need files or a trained model; sizes and speed do not.
-_DROP = {"init_from_dense": None, "init_experts": None}
+_DROP = ("init_from_dense", "init_experts")
 
 
 def build_encoder(config: Path):
@@ -64,8 +64,8 @@ def build_encoder(config: Path):
     if path is None:
         paths = {
             e.key: e.class_path
-            for e in registry.ENTRIES
-            if e.choices == "encoder_choices" and e.task == "espnet2.tasks.asr"
+            for e in registry.entries_for("espnet2.tasks.asr")
+            if e.choices == "encoder_choices"
         }
         if name not in paths:
             raise ValueError(f"{config}: encoder {name!r} is neither ESPnet's nor ours")

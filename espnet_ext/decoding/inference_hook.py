@@ -48,6 +48,8 @@ __all__ = [
     "configure_speech2text",
     "U2Search",
     "guard_short_input",
+    "check_utterance_length",
+    "min_stft_samples",
 ]
 
 MODES = ("attention", "ctc_greedy", "ctc_prefix_beam", "attention_rescoring")
@@ -348,6 +350,26 @@ def _uses_our_classes(model: torch.nn.Module) -> bool:
     return any(type(m).__module__.startswith("espnet_ext.") for m in model.modules())
 
 
+def min_stft_samples(n_fft: int, center: bool = True) -> int:
+    """Samples an STFT of ``n_fft`` needs: torch.stft with ``center`` reflect-pads
+    n_fft // 2 samples on each side, which needs more than n_fft // 2 samples;
+    without centring one window must fit."""
+    return n_fft // 2 + 1 if center else n_fft
+
+
+def check_utterance_length(
+    n_samples: int, n_fft: int, center: bool = True, fs: Optional[int] = None
+) -> None:
+    """A clear ``ValueError`` for an utterance too short for the front end's STFT."""
+    need = min_stft_samples(n_fft, center)
+    if n_samples < need:
+        at = f" ({1000 * need / fs:.0f} ms at {fs} Hz)" if fs else ""
+        raise ValueError(
+            f"utterance of {n_samples} samples is too short to decode: the front "
+            f"end (n_fft={n_fft}) needs at least {need} samples{at}"
+        )
+
+
 def guard_short_input(model: torch.nn.Module) -> None:
     """In eval mode, refuse an utterance shorter than the front end's STFT needs with
     an error that says so (empty wav.scp entries and 0-byte files give 0 samples).
@@ -362,22 +384,18 @@ def guard_short_input(model: torch.nn.Module) -> None:
         return
     if not _uses_our_classes(model):
         return
-    # torch.stft with center=True reflect-pads n_fft // 2 samples on each side, which
-    # needs more than n_fft // 2 samples; without centring one window must fit.
-    need = stft.n_fft // 2 + 1 if getattr(stft, "center", True) else stft.n_fft
+    center = getattr(stft, "center", True)
     fs = getattr(getattr(frontend, "logmel", None), "mel_options", {}).get("sr")
 
     def check(module, args):
         if module.training or len(args) < 2 or args[1] is None:
             return
-        shortest = int(args[1].min())
-        if shortest < need:
-            at = f" ({1000 * need / fs:.0f} ms at {fs} Hz)" if fs else ""
+        try:
+            check_utterance_length(int(args[1].min()), stft.n_fft, center, fs)
+        except ValueError as e:
             raise ValueError(
-                f"utterance of {shortest} samples is too short to decode: the front "
-                f"end (n_fft={stft.n_fft}) needs at least {need} samples{at}; an "
-                "empty wav.scp entry or a 0-byte audio file gives 0"
-            )
+                f"{e}; an empty wav.scp entry or a 0-byte audio file gives 0"
+            ) from None
 
     frontend.register_forward_pre_hook(check)
     frontend.__dict__["_espnet_ext_guarded"] = True

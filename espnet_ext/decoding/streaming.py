@@ -28,6 +28,10 @@ from typing import List, NamedTuple, Optional
 import numpy as np
 import torch
 
+from espnet_ext.decoding.inference_hook import (
+    check_utterance_length,
+    min_stft_samples,
+)
 from espnet_ext.decoding.search import (
     CTCPrefixBeamSearch,
     attention_rescoring,
@@ -146,15 +150,13 @@ class StreamingASR:
     def _new_feature_frames(self, final: bool) -> torch.Tensor:
         """Feature frames that became final since the last call, (F, D)."""
         n = len(self.samples)
-        if n <= self.n_fft // 2:
-            # Too short for the centred STFT's reflect padding (finalize refuses
-            # such an utterance; accept_waveform waits for more audio).
+        if n < min_stft_samples(self.n_fft):
+            # Too short for the centred STFT (finalize refuses such an utterance;
+            # accept_waveform waits for more audio).
             return torch.zeros(0, 0)
         total = n // self.hop + 1  # frames of the whole signal (center=True)
         if not final:
-            # frame t is exact once its window [t hop - n_fft/2, t hop + n_fft/2)
-            # does not reach past the audio received so far
-            total = min(total, max((n - self.n_fft // 2) // self.hop + 1, 0))
+            total = min(total, self._exact_frames())
         t0 = self.feat_frames_done
         if total <= t0:
             return torch.zeros(0, 0)
@@ -190,7 +192,7 @@ class StreamingASR:
 
     # ------------------------------------------------------------------ decoding
     def _run_chunks(self, final: bool) -> None:
-        window = (self.chunk - 1) * self.rate + self.right + 1
+        window = self._window()
         stride = self.rate * self.chunk
         cache = self.left * self.chunk if self.left >= 0 else -1
         encoder = self.model.encoder
@@ -241,22 +243,23 @@ class StreamingASR:
             self._run_chunks(final=False)
         return self._tokens_to_text(self.search.nbest()[0][0])
 
+    def _exact_frames(self) -> int:
+        """Feature frames the audio so far determines: frame t is exact once its
+        window [t hop - n_fft/2, t hop + n_fft/2) does not reach past the audio."""
+        return max((len(self.samples) - self.n_fft // 2) // self.hop + 1, 0)
+
     def _chunk_ready(self) -> bool:
         """Whether the audio so far has the feature frames of the next chunk."""
-        n = len(self.samples)
-        exact = max((n - self.n_fft // 2) // self.hop + 1, 0) if n > 0 else 0
-        window = (self.chunk - 1) * self.rate + self.right + 1
-        return exact - self.cursor >= window
+        return self._exact_frames() - self.cursor >= self._window()
+
+    def _window(self) -> int:
+        """Feature frames one chunk of the encoder reads (with its right context)."""
+        return (self.chunk - 1) * self.rate + self.right + 1
 
     @torch.no_grad()
     def finalize(self) -> PartialResult:
         """Encode the rest, rescore (``final_mode``), return the final result."""
-        need = self.n_fft // 2 + 1  # the centred STFT's reflect padding needs it
-        if len(self.samples) < need:
-            raise ValueError(
-                f"utterance of {len(self.samples)} samples is too short to decode: "
-                f"the front end (n_fft={self.n_fft}) needs at least {need} samples"
-            )
+        check_utterance_length(len(self.samples), self.n_fft)
         new = self._normalise(self._new_feature_frames(final=True))
         if new.numel():
             self.feats = (

@@ -22,8 +22,10 @@ its projections for the call:
   decoding with its kv-cache).
 
 ``quantize`` (``none``/``nf4``/``int8``) stores the frozen base of the adapted
-projections and, with ``quantize_all`` (default), of every other ``nn.Linear`` of the
-model in that format; routers and experts stay fp32.
+projections and, with ``quantize_all`` (default), every other weight of the kinds in
+``quantize_modules`` (default: linear layers, convolutions and embeddings: the whole
+base but norms, biases and weights the block size does not divide) in that format;
+routers and experts stay fp32.
 """
 
 import copy
@@ -34,7 +36,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from espnet_ext.layers.lora_moe import MIXINGS, MoLoRALinear, SAMLRouter
-from espnet_ext.layers.quantize import FORMATS, FrozenLinear, quantize_linears
+from espnet_ext.layers.quantize import FORMATS, KINDS, FrozenLinear
+from espnet_ext.layers.quantize import quantize_modules as store_quantized
 
 __all__ = [
     "TARGET_ALIASES",
@@ -154,6 +157,7 @@ def attach_saml(
     quantize_block_size: int = 64,
     quantize_scaler_block_size: int = 256,
     quantize_all: bool = True,
+    quantize_modules: Sequence[str] = KINDS,
     freeze_base: bool = True,
 ) -> Dict[str, List[str]]:
     """Add SAML experts and routers to ``model`` in place.
@@ -252,12 +256,13 @@ def attach_saml(
         groups.setdefault(key, []).append(path)
     model.add_module(ROUTERS_ATTR, routers)
     if quantize != "none" and quantize_all:
-        quantize_linears(
+        store_quantized(
             model,
             quantize,
             quantize_block_size,
             quantize_scaler_block_size,
             skip=(ROUTERS_ATTR,),
+            kinds=quantize_modules,
         )
     if freeze_base:
         for n, p in model.named_parameters():
@@ -289,6 +294,7 @@ def attach_saml(
         quantize_block_size=quantize_block_size,
         quantize_scaler_block_size=quantize_scaler_block_size,
         quantize_all=quantize_all,
+        quantize_modules=list(quantize_modules),
     )
     return groups
 
@@ -488,6 +494,7 @@ def create_saml_adapter(
     quantize_block_size: int = 64,
     quantize_scaler_block_size: int = 256,
     quantize_all: bool = True,
+    quantize_modules: List[str] = list(KINDS),
     init_experts: Optional[List[str]] = None,
 ):
     """ESPnet's ``create_adapter_fn_table["saml"]``: ``adapter: saml`` in a YAML.
@@ -514,6 +521,7 @@ def create_saml_adapter(
         quantize_block_size=quantize_block_size,
         quantize_scaler_block_size=quantize_scaler_block_size,
         quantize_all=quantize_all,
+        quantize_modules=quantize_modules,
         freeze_base=True,
     )
     if init_experts:

@@ -270,6 +270,28 @@ def adapt_one(model, batches, opts, log=print) -> Dict[str, object]:
     return {"train_losses": losses}
 
 
+SLICE_OPTIONS = ("--utt_slice", "--eval_slice", "--decode_slice")
+
+
+def _attach_slice_values(argv: Optional[List[str]]) -> List[str]:
+    """``--decode_slice -10:`` -> ``--decode_slice=-10:``.
+
+    argparse reads a value that starts with ``-`` and is not a number as the next
+    option, so the natural way to write "the last 10" would be an error.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out: List[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in SLICE_OPTIONS and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m espnet_ext.bin.adapt_speaker",
@@ -329,11 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixing", default="parameter", choices=["parameter", "output"])
     g.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"])
     g.add_argument("--quantize_block_size", type=int, default=64)
+    g.add_argument(
+        "--quantize_modules",
+        nargs="+",
+        default=["linear", "conv", "embedding"],
+        choices=["linear", "conv", "embedding"],
+        help="kinds of base modules stored quantised (with --quantize nf4|int8)",
+    )
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
-    opts = build_parser().parse_args(argv)
+    opts = build_parser().parse_args(_attach_slice_values(argv))
     import torch
 
     from espnet_ext.adapters.saml import (
@@ -374,6 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
         mixing=opts.mixing,
         quantize=opts.quantize,
         quantize_block_size=opts.quantize_block_size,
+        quantize_modules=opts.quantize_modules,
     )
     inference_conf = None
     if opts.decode_slice:

@@ -433,6 +433,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
             report["inference_config"] = str(args.inference_config)
         if args.decode_tag:
             report["decode_tag"] = args.decode_tag
+        if args.train_args.strip():
+            report["train_args"] = args.train_args.strip()
+        if exp.name != Path(args.asr_config).stem:
+            report["expdir"] = str(exp)
         if report.get("train_phase_seconds"):
             # Training throughput: utterances seen per second of update loop.
             n_train = len(read_kaldi(train_set / "text"))

@@ -25,6 +25,13 @@ loads ``--init_param``, so a full-precision checkpoint must land in a quantised 
 The opposite (quantised buffers into an fp32 layer) is refused with a message naming
 the format: silently dequantising would hide that the model is not the one trained.
 
+The same storage serves convolutions (:class:`FrozenConv`: the weight
+(out, in/groups, *kernel) is quantised as the (out, in/groups * prod(kernel)) matrix)
+and embeddings (:class:`FrozenEmbedding`: the (num, dim) table). The forward
+dequantises the whole weight and calls ``F.conv1d``/``F.conv2d``/``F.embedding``; only
+the linear layer has a fused NF4 kernel (torchao's ``linear_nf4``).
+:func:`quantize_modules` swaps them into a model.
+
 torchao constraints: ``in*out`` must be a multiple of ``block_size``; the number of
 blocks must be a multiple of ``scaler_block_size``. Where it is not, the largest divisor
 of the number of blocks not above the requested ``scaler_block_size`` is used (e.g. a
@@ -40,6 +47,10 @@ import torch.nn.functional as F
 __all__ = [
     "FORMATS",
     "FrozenLinear",
+    "FrozenConv",
+    "FrozenEmbedding",
+    "KINDS",
+    "quantize_modules",
     "nf4_quantize",
     "nf4_dequantize",
     "int8_quantize",
@@ -249,21 +260,28 @@ class FrozenLinear(torch.nn.Module):
 
     @staticmethod
     def _init_from(new, linear, fmt, block_size, scaler_block_size) -> None:
+        FrozenLinear._init_weight(
+            new, linear.weight, linear.bias, fmt, block_size, scaler_block_size
+        )
+
+    @staticmethod
+    def _init_weight(new, weight, bias, fmt, block_size, scaler_block_size) -> None:
+        """Set up ``new`` (built with ``__new__``) around ``weight`` (out, ...),
+        stored as the matrix (out, prod(rest))."""
         torch.nn.Module.__init__(new)
         if fmt not in FORMATS:
             raise ValueError(f"quantize must be one of {FORMATS}, got {fmt!r}")
-        new.in_features = linear.in_features
-        new.out_features = linear.out_features
+        w = weight.detach().reshape(weight.shape[0], -1)
+        new.out_features, new.in_features = w.shape
         new.fmt = fmt
         new.block_size = block_size
         new.scaler_block_size = scaler_block_size
-        w = linear.weight.detach()
         if fmt == "none":
             new.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
         else:
             new._store(w)
-        if linear.bias is not None:
-            new.bias = torch.nn.Parameter(linear.bias.detach().clone(), False)
+        if bias is not None:
+            new.bias = torch.nn.Parameter(bias.detach().clone(), False)
         else:
             new.register_parameter("bias", None)
 
@@ -360,6 +378,7 @@ class FrozenLinear(torch.nn.Module):
             # A full-precision weight (e.g. ESPnet's --init_param from an fp32
             # model, loaded after the adapter was created): quantise it.
             w = state_dict.pop(prefix + "weight")
+            w = w.reshape(self.out_features, -1)  # a conv's (out, in, *k): a matrix
             for k, v in self._quantize(w).items():
                 state_dict[prefix + "weight_" + k] = v
         elif stored and self.fmt not in stored:
@@ -423,6 +442,104 @@ class FrozenLinear(torch.nn.Module):
                 self._buffers["weight_" + k] = torch.empty_like(state_dict[key])
 
 
+class FrozenConv(FrozenLinear):
+    """A ``Conv1d``/``Conv2d`` with a frozen weight stored as fp32, NF4 or int8.
+
+    The weight (out, in/groups, *kernel) is stored as the (out, in/groups *
+    prod(kernel)) matrix of :class:`FrozenLinear`; ``.weight`` reads back the
+    convolution's shape. Build with :meth:`from_conv`. Input and output as the
+    convolution it replaces: (B, C_in, T) or (B, C_in, H, W).
+    """
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: torch.nn.modules.conv._ConvNd,
+        fmt: str = "none",
+        block_size: int = 64,
+        scaler_block_size: int = 256,
+    ) -> "FrozenConv":
+        if not isinstance(conv, (torch.nn.Conv1d, torch.nn.Conv2d)):
+            raise ValueError(f"FrozenConv takes Conv1d or Conv2d, got {type(conv)}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(
+                f"FrozenConv supports padding_mode='zeros', got {conv.padding_mode!r}"
+            )
+        new = cls.__new__(cls)
+        FrozenLinear._init_weight(
+            new, conv.weight, conv.bias, fmt, block_size, scaler_block_size
+        )
+        new.weight_shape = tuple(conv.weight.shape)
+        new.stride, new.padding = conv.stride, conv.padding
+        new.dilation, new.groups = conv.dilation, conv.groups
+        return new
+
+    def base_weight(self) -> torch.Tensor:
+        """The convolution's float weight (out, in/groups, *kernel)."""
+        return super().base_weight().view(self.weight_shape)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = F.conv1d if len(self.weight_shape) == 3 else F.conv2d
+        b = self.bias
+        return conv(
+            x,
+            self.base_weight().to(x.dtype),
+            None if b is None else b.to(x.dtype),
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"weight_shape={self.weight_shape}, stride={self.stride}, "
+            f"padding={self.padding}, groups={self.groups}, "
+            f"bias={self.bias is not None}, quantize={self.fmt}"
+        )
+
+
+class FrozenEmbedding(FrozenLinear):
+    """An ``nn.Embedding`` with a frozen (num, dim) table stored as fp32, NF4 or int8.
+
+    Build with :meth:`from_embedding`. ``forward`` maps ids (...) -> (..., dim);
+    ``.weight`` reads back the table (Whisper ties it to its output layer).
+    """
+
+    @classmethod
+    def from_embedding(
+        cls,
+        emb: torch.nn.Embedding,
+        fmt: str = "none",
+        block_size: int = 64,
+        scaler_block_size: int = 256,
+    ) -> "FrozenEmbedding":
+        if emb.max_norm is not None or emb.sparse:
+            raise ValueError(
+                "FrozenEmbedding supports embeddings without max_norm or sparse "
+                "gradients"
+            )
+        new = cls.__new__(cls)
+        FrozenLinear._init_weight(
+            new, emb.weight, None, fmt, block_size, scaler_block_size
+        )
+        new.padding_idx = emb.padding_idx
+        return new
+
+    def base_forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.base_weight(), self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.out_features}, {self.in_features}, "
+            f"padding_idx={self.padding_idx}, quantize={self.fmt}"
+        )
+
+
+# The module kinds ``quantize_modules`` can store quantised.
+KINDS = ("linear", "conv", "embedding")
+
+
 def quantize_linears(
     module: torch.nn.Module,
     fmt: str,
@@ -430,44 +547,89 @@ def quantize_linears(
     scaler_block_size: int = 256,
     skip=(),
 ) -> int:
-    """Replace every plain ``nn.Linear`` under ``module`` by a quantised FrozenLinear.
+    """:func:`quantize_modules` for the ``nn.Linear`` layers only."""
+    return quantize_modules(
+        module, fmt, block_size, scaler_block_size, skip, kinds=("linear",)
+    )
 
-    ``skip``: module-name prefixes left alone (e.g. the routers). Layers whose shape
-    the format cannot block (``block_size`` not dividing them) are left in fp32.
-    Returns the number of layers replaced.
+
+def quantize_modules(
+    module: torch.nn.Module,
+    fmt: str,
+    block_size: int = 64,
+    scaler_block_size: int = 256,
+    skip=(),
+    kinds=KINDS,
+) -> int:
+    """Store the weight of every plain module of ``kinds`` under ``module`` quantised.
+
+    ``kinds``: any of ``"linear"`` (``nn.Linear`` -> :class:`FrozenLinear`),
+    ``"conv"`` (``nn.Conv1d``/``nn.Conv2d`` -> :class:`FrozenConv`) and
+    ``"embedding"`` (``nn.Embedding`` -> :class:`FrozenEmbedding`). ``skip``:
+    module-name prefixes left alone (e.g. the routers). Weights whose size the format
+    cannot block (``block_size`` not dividing them) stay in fp32. Returns the number
+    of modules replaced.
     """
     if fmt == "none":
         return 0
     if fmt not in FORMATS:
         raise ValueError(f"quantize must be one of {FORMATS}, got {fmt!r}")
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(
+            f"quantize_modules: unknown kind(s) {sorted(unknown)}; {KINDS}"
+        )
     n = 0
     for name, child in list(module.named_modules()):
         for cname, sub in list(child.named_children()):
             full = f"{name}.{cname}" if name else cname
-            if not _plain_linear(sub) or any(
-                full == s or full.startswith(s + ".") for s in skip
-            ):
+            if any(full == s or full.startswith(s + ".") for s in skip):
                 continue
-            if not _blockable(sub, fmt, block_size):
+            new = _frozen_copy(sub, fmt, block_size, scaler_block_size, kinds)
+            if new is None:
                 continue
-            new = FrozenLinear.from_linear(sub, fmt, block_size, scaler_block_size)
             new.to(sub.weight.device)
             setattr(child, cname, new)
             n += 1
     return n
 
 
-def _plain_linear(m: torch.nn.Module) -> bool:
-    """nn.Linear or a subclass adding no parameters or children (Whisper's Linear);
-    LoRA-style subclasses are left alone."""
+def _frozen_copy(sub, fmt, block_size, scaler_block_size, kinds):
+    """The quantised replacement of ``sub``, or None to leave it alone."""
+    if not _plain(sub) or not _blockable(sub.weight, fmt, block_size):
+        return None
+    args = (fmt, block_size, scaler_block_size)
+    if "linear" in kinds and isinstance(sub, torch.nn.Linear):
+        return FrozenLinear.from_linear(sub, *args)
+    if (
+        "conv" in kinds
+        and isinstance(sub, (torch.nn.Conv1d, torch.nn.Conv2d))
+        and sub.padding_mode == "zeros"
+    ):
+        return FrozenConv.from_conv(sub, *args)
+    if (
+        "embedding" in kinds
+        and isinstance(sub, torch.nn.Embedding)
+        and sub.max_norm is None
+        and not sub.sparse
+    ):
+        return FrozenEmbedding.from_embedding(sub, *args)
+    return None
+
+
+def _plain(m: torch.nn.Module) -> bool:
+    """A module of a kind we store, adding no parameters or children (Whisper's
+    ``Linear``/``Conv1d`` subclasses only cast dtypes); LoRA-style subclasses are
+    left alone."""
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Embedding)
     return (
-        isinstance(m, torch.nn.Linear)
+        isinstance(m, kinds)
         and set(m._parameters) <= {"weight", "bias"}
         and not m._modules
     )
 
 
-def _blockable(linear: torch.nn.Linear, fmt: str, block_size: int) -> bool:
+def _blockable(weight: torch.Tensor, fmt: str, block_size: int) -> bool:
     if fmt == "nf4":
-        return linear.weight.numel() % block_size == 0
-    return linear.in_features % block_size == 0
+        return weight.numel() % block_size == 0
+    return weight[0].numel() % block_size == 0

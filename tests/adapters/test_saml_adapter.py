@@ -112,6 +112,29 @@ def test_quantised_base_stays_close_and_keeps_adapters_fp32(quantize):
         )
 
 
+def test_quantised_base_covers_convolutions_and_embeddings_unless_told_not_to():
+    pytest.importorskip("torchao")
+    from espnet_ext.layers.quantize import FrozenConv, FrozenEmbedding
+
+    _, model, _ = _adapted("nf4")
+    kinds = {type(m) for m in model.modules()}
+    assert FrozenConv in kinds and FrozenEmbedding in kinds
+    conv = model.encoder.encoders[0].conv_module
+    assert isinstance(conv.pointwise_conv1, FrozenConv)
+    # the routers' convolutions train: fp32
+    assert all(type(r.conv) is torch.nn.Conv1d for r in model.saml_routers.values())
+    linear_only = copy.deepcopy(tiny_model())
+    attach_saml(
+        linear_only,
+        quantize="nf4",
+        quantize_block_size=16,
+        quantize_modules=["linear"],
+        **CONF,
+    )
+    kinds = {type(m) for m in linear_only.modules()}
+    assert FrozenConv not in kinds and FrozenEmbedding not in kinds
+
+
 def test_adapter_file_reproduces_outputs_on_a_fresh_base(tmp_path):
     base, model, _ = _adapted()
     b = batch()
@@ -203,6 +226,29 @@ def test_attaches_to_whisper_built_from_model_dimensions():
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads and all(n.startswith("saml_routers.") or "lora_" in n for n in grads)
     assert any("cross_attn" in n for n in grads)
+
+
+def test_whisper_with_an_nf4_base_stores_its_convolutions_and_tied_embedding():
+    whisper = pytest.importorskip("whisper")
+    pytest.importorskip("torchao")
+    from espnet_ext.layers.quantize import FrozenConv, FrozenEmbedding, FrozenLinear
+
+    dims = whisper.model.ModelDimensions(8, 6, 16, 2, 2, 20, 8, 16, 2, 2)
+    torch.manual_seed(0)
+    base = random_whisper(whisper, dims).eval()
+    model = copy.deepcopy(base)
+    attach_saml(model, quantize="nf4", quantize_block_size=16, **CONF)
+    assert isinstance(model.encoder.conv2, FrozenConv)
+    assert isinstance(model.decoder.token_embedding, FrozenEmbedding)
+    # It computes the fp32 Whisper of its dequantised weights (fresh experts add
+    # nothing), the output layer included (it reads the tied embedding's .weight).
+    dequantised = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, FrozenLinear) and m.fmt != "none":
+                dequantised.get_submodule(name).weight.copy_(m.base_weight())
+        mel, tokens = torch.randn(2, 8, 12), torch.randint(0, 20, (2, 5))
+        torch.testing.assert_close(model(mel, tokens), dequantised(mel, tokens))
 
 
 def test_attaches_to_espnet_whisper_encoder_without_download(monkeypatch):

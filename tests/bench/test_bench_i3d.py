@@ -18,6 +18,12 @@ def test_half_closed_pattern_closes_half_of_every_kind():
         assert sum(opened) == len(opened) // 2
 
 
+def test_gated_fraction_removes_the_time_no_gate_can_skip():
+    # front end 0.3 of all open; gated modules 0.7, of which half run: 0.35
+    single = {"all closed": {"ratio": 0.3}, "half closed": {"ratio": 0.65}}
+    assert abs(i3d.gated_fraction(single) - 0.5) < 1e-12
+
+
 def test_i3d_benchmark_writes_single_and_batched_tables(speechocean, tmp_path):
     out = tmp_path / "i3d.md"
     i3d.main(
@@ -42,3 +48,4 @@ def test_i3d_benchmark_writes_single_and_batched_tables(speechocean, tmp_path):
     for row in ("| plain |", "| all open |", "| half closed |", "| all closed |"):
         assert row in text
     assert "| predicted, ~half open |" in text and "Half closed / all open" in text
+    assert "The gated part alone" in text

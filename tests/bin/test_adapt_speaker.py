@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from espnet_ext.adapters.saml import load_adapter
+from espnet_ext.bin import adapt_speaker
 from espnet_ext.bin.adapt_speaker import _Batcher, load_model, main
 
 SAML = ["--num_experts", "2", "--rank", "2", "--alpha", "4", "--dropout_rate", "0"]
@@ -196,3 +197,17 @@ def test_quantised_checkpoint_decodes_through_speech2text(speechocean, tmp_path)
     speech = _Batcher(s2t.asr_train_args, data)([utt])[0][0]
     hyps = s2t(speech)
     assert hyps and isinstance(hyps[0][0], str)
+
+
+def test_a_slice_from_the_end_reads_as_a_value_not_an_option():
+    argv = ["--decode_slice", "-10:", "--utt_slice", "0:10", "--eval_slice=-5:"]
+    opts = adapt_speaker.build_parser().parse_args(
+        ["--asr_train_config", "c", "--asr_model_file", "m", "--data_dir", "d"]
+        + ["--output_dir", "o"]
+        + adapt_speaker._attach_slice_values(argv)
+    )
+    assert (opts.decode_slice, opts.utt_slice, opts.eval_slice) == (
+        "-10:",
+        "0:10",
+        "-5:",
+    )

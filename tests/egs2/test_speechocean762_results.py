@@ -87,3 +87,52 @@ def test_a_tagged_decode_is_its_own_row_after_its_model(results_mod, tmp_path):
         "`./run_cpu.sh --asr_config c/x.yaml --inference_config "
         "conf/decode_chunk16.yaml --decode_tag chunk16 --stages 'decode score report'`"
     )
+
+
+def test_a_run_of_a_config_in_another_exp_dir_follows_it(results_mod, tmp_path):
+    longer = {
+        "asr_config": "conf/tuning/train_asr_x.yaml",
+        "expdir": "exp_cpu/train_asr_x_long",
+        "train_args": "--max_epoch 40",
+    }
+    (tmp_path / "train_asr_x_long.json").write_text(json.dumps(longer))
+    (tmp_path / "train_asr_y_long.json").write_text(json.dumps(longer))  # not y's
+    loaded = results_mod.load(
+        tmp_path, [tmp_path / "train_asr_x.yaml", tmp_path / "train_asr_y.yaml"]
+    )
+    assert list(loaded) == ["train_asr_x", "train_asr_x_long", "train_asr_y"]
+    assert results_mod._command("train_asr_x_long", longer) == (
+        "`./run_cpu.sh --asr_config conf/tuning/train_asr_x.yaml --expdir "
+        "exp_cpu/train_asr_x_long --train_args '--max_epoch 40'`"
+    )
+
+
+def test_readme_saml_table_is_the_one_built_from_its_rows_file(results_mod):
+    rows = RECIPE / "results" / "saml" / "rows.json"
+    readme = (RECIPE / "README.md").read_text()
+    block = readme.split(results_mod.SAML_BEGIN, 1)[1].split(results_mod.SAML_END)[0]
+    if not rows.exists():
+        assert "Not run yet" in block
+        return
+    assert block.strip() == results_mod.saml_table(rows).strip()
+
+
+def test_saml_rows_are_gathered_from_the_adaptation_summaries(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "saml_rows", RECIPE / "local" / "saml_rows.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    spk = dict(adapt_utts=10, seconds=3.0, adapter_bytes=2000, train_losses=[1.0])
+    for row, losses in (("row1_fp32_base", []), ("row3_nf4_lora", [1.0])):
+        (tmp_path / row).mkdir()
+        summary = {
+            "s1": {**spk, "train_losses": losses},
+            "s2": {**spk, "train_losses": losses, "seconds": 5.0},
+            "_decoding": {"wer": 50.0, "cer": 30.0, "utterances": 20},
+        }
+        (tmp_path / row / "summary.json").write_text(json.dumps(summary))
+    rows = mod.gather(tmp_path, "exp_cpu/base")["rows"]
+    assert [r["row"] for r in rows] == ["row1_fp32_base", "row3_nf4_lora"]
+    assert rows[0]["adapt_seconds_mean"] == 0.0 and rows[1]["adapt_seconds_mean"] == 4.0
+    assert rows[1]["wer"] == 50.0 and rows[1]["speakers"] == 2

@@ -7,11 +7,14 @@ import torch
 
 from espnet_ext.layers.quantize import (
     NF4_TABLE,
+    FrozenConv,
+    FrozenEmbedding,
     FrozenLinear,
     int8_dequantize,
     int8_quantize,
     nf4_dequantize,
     nf4_quantize,
+    quantize_modules,
 )
 
 pytest.importorskip("torchao")
@@ -129,3 +132,50 @@ def test_espnet_checkpoint_averaging_is_detected(fmt):
     assert torch.equal(fresh.base_weight(), q.base_weight())
     with pytest.raises(RuntimeError, match="sum of 3 checkpoints"):
         fresh.load_state_dict(average([q.state_dict()] * 3))
+
+
+def _conv_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(4, 16, 2, stride=2, padding=1),  # rows of 16 weights
+        torch.nn.Conv1d(16, 16, 4, padding=2, groups=4),  # rows of 4 * 4
+        torch.nn.Embedding(10, 32, padding_idx=0),
+        torch.nn.Conv1d(16, 8, 3, padding_mode="circular"),  # not supported: kept
+    )
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_quantised_convolutions_and_embeddings_compute_their_dequantised_weight(fmt):
+    m = _conv_model()
+    ref = _conv_model()  # the same fp32 weights
+    assert quantize_modules(m, fmt, 16, 4, kinds=("conv", "embedding")) == 3
+    assert isinstance(m[0], FrozenConv) and isinstance(m[2], FrozenEmbedding)
+    assert type(m[3]) is torch.nn.Conv1d
+    x2, x1, ids = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 7), torch.tensor([0, 3])
+    for q, plain, x in ((m[0], ref[0], x2), (m[1], ref[1], x1)):
+        assert q.weight.shape == plain.weight.shape
+        want = plain._conv_forward(x, q.weight, plain.bias)
+        torch.testing.assert_close(q(x), want)
+        assert (q.weight - plain.weight).abs().max() < 0.1  # the format's error
+    torch.testing.assert_close(m[2](ids), m[2].weight[ids])
+    assert "weight" not in m[0].state_dict()
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_fp32_convolution_and_embedding_weights_quantise_on_load(fmt):
+    m = _conv_model()
+    fp32 = _conv_model().state_dict()
+    quantize_modules(m, fmt, 16, 4, kinds=("conv", "embedding"))
+    want = {k: v.clone() for k, v in m.state_dict().items()}
+    fresh = _conv_model()
+    torch.nn.init.zeros_(fresh[0].weight)
+    quantize_modules(fresh, fmt, 16, 4, kinds=("conv", "embedding"))
+    fresh.load_state_dict(fp32)  # ESPnet's --init_param from the fp32 model
+    assert fresh.state_dict().keys() == want.keys()
+    for k, v in want.items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_an_unknown_module_kind_is_refused():
+    with pytest.raises(ValueError, match="unknown kind"):
+        quantize_modules(_conv_model(), "nf4", kinds=("lstm",))

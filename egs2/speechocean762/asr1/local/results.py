@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 BEGIN, END = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
+SAML_BEGIN, SAML_END = "<!-- SAML:BEGIN -->", "<!-- SAML:END -->"
+# Configs trained by a script of their own rather than by run_cpu.sh alone.
+SCRIPTS = {"train_asr_saml_adapter": "local/run_saml.sh"}
 COLUMNS = (
     "config",
     "params (M)",
@@ -45,6 +48,11 @@ def collect(exp_root: Path, results_dir: Path) -> List[str]:
     tagged decode's ``results_<tag>.json`` to ``<name>_<tag>.json``)."""
     results_dir.mkdir(parents=True, exist_ok=True)
     copied = []
+    for src in sorted(exp_root.glob("*/saml_rows.json")):  # local/run_saml.sh
+        (results_dir / "saml").mkdir(exist_ok=True)
+        text = src.read_text(encoding="utf-8").rstrip("\n") + "\n"
+        (results_dir / "saml" / "rows.json").write_text(text, encoding="utf-8")
+        copied.append("saml")
     for src in sorted(exp_root.glob("*/results*.json")):
         name = src.parent.name + src.stem[len("results") :]
         if src.parent.name.endswith("_fast"):  # smoke runs never enter RESULTS
@@ -65,9 +73,17 @@ def load(results_dir: Path, configs: List[Path]) -> Dict[str, Optional[dict]]:
             out[name] = r
     for cfg in configs:
         out[cfg.stem] = files.get(cfg.stem)
-        # Tagged decodes of the same trained model (``--decode_tag``) follow it.
+        # Tagged decodes of the same trained model (``--decode_tag``) and runs of
+        # the same config in another exp dir (``--expdir``, e.g. a longer run with
+        # ``--train_args '--max_epoch N'``) follow it.
         for name, r in sorted(files.items()):
             if r.get("decode_tag") and name == f"{cfg.stem}_{r['decode_tag']}":
+                out[name] = r
+            elif (
+                name.startswith(f"{cfg.stem}_")
+                and r.get("expdir")
+                and Path(r.get("asr_config", "")).stem == cfg.stem
+            ):
                 out[name] = r
     return out
 
@@ -106,9 +122,15 @@ DEFAULT_DECODE = "conf/decode_asr.yaml"  # run_cpu.sh's --inference_config defau
 
 def _command(name: str, r: Optional[dict]) -> str:
     """The run_cpu.sh command that wrote a row (a tagged decode: after training)."""
+    if name in SCRIPTS:
+        return f"`{SCRIPTS[name]}`"
     r = r or {}
     config = r.get("asr_config", f"conf/tuning/{name}.yaml")
     cmd = f"./run_cpu.sh --asr_config {config}"
+    if r.get("expdir"):
+        cmd += f" --expdir {r['expdir']}"
+    if r.get("train_args"):
+        cmd += f" --train_args '{r['train_args']}'"
     if r.get("inference_config") not in (None, DEFAULT_DECODE):
         cmd += f" --inference_config {r['inference_config']}"
     if r.get("decode_tag"):
@@ -156,6 +178,44 @@ def table(results: Dict[str, Optional[dict]]) -> str:
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def saml_table(rows_file: Path) -> Optional[str]:
+    """README's SAML table from ``results/saml/rows.json`` (``local/saml_rows.py``);
+    None when SAML has not run."""
+    if not rows_file.exists():
+        return None
+    data = json.loads(rows_file.read_text())
+    lines = [
+        f"Base: `{data['base']}`. Test speakers: adaptation on the first "
+        "utterances of each, WER/CER on the last 10 (`local/run_saml.sh`).",
+        "",
+        "| model | WER | CER | scored utts | speakers | adapt utts | "
+        "adapt s / speaker | adapter KB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        adapted = r["adapt_seconds_mean"] > 0
+        lines.append(
+            f"| {r['label']} | {r['wer']:.1f} | {r['cer']:.1f} | {r['utterances']} "
+            f"| {r['speakers']} | {r['adapt_utts'] if adapted else '-'} | "
+            + (
+                f"{r['adapt_seconds_mean']:.1f} | {r['adapter_bytes_mean'] / 1e3:.0f}"
+                if adapted
+                else "- | -"
+            )
+            + " |"
+        )
+    missing = 4 - len(data["rows"])
+    if missing:
+        lines += ["", f"{missing} of the 4 rows not run yet."]
+    return "\n".join(lines)
+
+
+def _replace_block(text: str, begin: str, end: str, block: str) -> str:
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{block}\n{end}{tail}"
 
 
 def plot(
@@ -272,9 +332,15 @@ def main() -> None:
     readme = args.readme.read_text(encoding="utf-8")
     if BEGIN not in readme or END not in readme:
         raise SystemExit(f"{args.readme}: markers {BEGIN} / {END} not found")
-    head, rest = readme.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    args.readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}", encoding="utf-8")
+    readme = _replace_block(readme, BEGIN, END, text)
+    saml = saml_table(args.results_dir / "saml" / "rows.json")
+    if saml is not None:
+        if SAML_BEGIN not in readme or SAML_END not in readme:
+            raise SystemExit(
+                f"{args.readme}: markers {SAML_BEGIN} / {SAML_END} not found"
+            )
+        readme = _replace_block(readme, SAML_BEGIN, SAML_END, saml)
+    args.readme.write_text(readme, encoding="utf-8")
     if plot(results, args.plot, load_curves(args.results_dir)):
         print(f"wrote {args.plot}")
 

@@ -201,8 +201,8 @@ def main(argv: List[str]) -> None:
         "weights the block size does not divide, and kinds not quantised). "
         "`experts + routers / fp32`: the adapter alone, fp32 as the paper keeps it; "
         "no storage of the base can bring the total below it. NF4 itself costs "
-        "4 bits per weight plus one int8 scale per block of 64 (about 1/7.5 of "
-        "fp32), so a total of 1/7 leaves the fp32 adapter about 1/100 of the fp32 "
+        "4 bits per weight plus one int8 scale per block of 64 (about 1/7.8 of "
+        "fp32), so a total of 1/7 leaves the fp32 adapter about 1/70 of the fp32 "
         "model.",
         "",
     ]

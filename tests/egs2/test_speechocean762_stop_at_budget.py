@@ -89,3 +89,10 @@ def test_a_job_over_budget_is_stopped_and_resumed_with_the_epochs_done(tmp_path)
     )
     assert (exp / "asr_train" / "train.epochs1-2.log").exists()
     assert "2 epochs in 2.0 min" in out.stdout
+
+
+def test_the_last_epoch_is_numbered_from_the_start_of_training(tool):
+    resumed = LOG.replace("1epoch results", "24epoch results").replace(
+        "2epoch results", "25epoch results"
+    )
+    assert tool.last_epoch(resumed) == 25 and tool.last_epoch("") == 0

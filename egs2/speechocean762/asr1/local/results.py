@@ -188,7 +188,8 @@ def saml_table(rows_file: Path) -> Optional[str]:
     data = json.loads(rows_file.read_text())
     lines = [
         f"Base: `{data['base']}`. Test speakers: adaptation on the first "
-        "utterances of each, WER/CER on the last 10 (`local/run_saml.sh`).",
+        "utterances of each, WER/CER on the last 10 (`local/run_saml.sh`); adapt s = "
+        "wall clock of one speaker's adaptation steps, one thread.",
         "",
         "| model | WER | CER | scored utts | speakers | adapt utts | "
         "adapt s / speaker | adapter KB |",

@@ -17,6 +17,11 @@ pipeline decodes and scores as usual. The interrupted ``train.log`` is kept as
         ./run_cpu.sh --asr_config conf/tuning/train_asr_conformer.yaml
 
 The command must accept run_cpu.sh's ``--stages`` and ``--train_args`` options.
+
+To continue a finished run past its epochs (``--train_args '--max_epoch N'``), give the
+minutes left: the budget covers the epochs this command trains (the pipeline rewrites
+``train.log``; a log older than the command is ignored), and ``--max_epoch K`` counts
+from the start of training as ESPnet does.
 """
 
 import argparse
@@ -33,6 +38,7 @@ from typing import List
 # "6 minutes and 37.62 seconds", "1 hour, 2 minutes and 3.5 seconds".
 # An epoch's line has one per phase ([train], [valid]); the epoch lasts their sum.
 _EPOCH = re.compile(r"\d+epoch results: (.*)")
+_EPOCH_NUMBER = re.compile(r"(\d+)epoch results: ")
 _PHASE = re.compile(r"\btime=(.+?), total_count")
 _UNIT = re.compile(r"([\d.]+) (week|day|hour|minute|second)s?")
 _SECONDS = {"week": 604800, "day": 86400, "hour": 3600, "minute": 60, "second": 1}
@@ -53,6 +59,13 @@ def epoch_seconds(log_text: str) -> List[float]:
         sum(parse_timespan(t) for t in _PHASE.findall(m.group(1)))
         for m in _EPOCH.finditer(log_text)
     ]
+
+
+def last_epoch(log_text: str) -> int:
+    """The number of the last finished epoch in a train.log (ESPnet counts from the
+    start of training, so a resumed run's log starts past 1)."""
+    numbers = [int(m.group(1)) for m in _EPOCH_NUMBER.finditer(log_text)]
+    return max(numbers, default=0)
 
 
 def over_budget(epochs: List[float], budget_s: float) -> bool:
@@ -76,21 +89,26 @@ def main() -> int:
     log = args.exp_dir / "asr_train" / "train.log"
 
     # Own process group, so stopping it stops the pipeline and every ESPnet child.
+    started = time.time()
     job = subprocess.Popen(command, start_new_session=True)
     while job.poll() is None:
-        epochs = epoch_seconds(log.read_text()) if log.exists() else []
+        # A log older than the job is a previous run's (the pipeline rewrites it).
+        fresh = log.exists() and log.stat().st_mtime >= started
+        text = log.read_text() if fresh else ""
+        epochs = epoch_seconds(text)
         if over_budget(epochs, budget_s):
             break
         time.sleep(args.poll_seconds)
     else:
         return job.returncode
 
-    done = len(epochs)
+    # A resumed run's log holds only its own epochs; ESPnet numbers them from the
+    # start of training, and --max_epoch counts the same way.
+    done = last_epoch(text)
     print(
-        f"stop_at_budget: {done} epochs in {sum(epochs) / 60:.1f} min; the next would "
-        f"end at ~{(sum(epochs) + epochs[-1]) / 60:.1f} min > {args.budget_minutes:g}"
-        " min: stopping and resuming with --max_epoch "
-        f"{done}",
+        f"stop_at_budget: {len(epochs)} epochs in {sum(epochs) / 60:.1f} min; the next "
+        f"would end at ~{(sum(epochs) + epochs[-1]) / 60:.1f} min > "
+        f"{args.budget_minutes:g} min: stopping and resuming with --max_epoch {done}",
         flush=True,
     )
     os.killpg(job.pid, signal.SIGTERM)
@@ -99,7 +117,7 @@ def main() -> int:
     except subprocess.TimeoutExpired:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
-    log.rename(log.with_name(f"train.epochs1-{done}.log"))
+    log.rename(log.with_name(f"train.epochs{done - len(epochs) + 1}-{done}.log"))
     resume = command + [
         "--stages",
         RESUME_STAGES,

@@ -28,6 +28,7 @@ from typing import Dict, List
 import torch
 
 from espnet_ext.bench.residual import CLOCKS, shared_corpus
+from espnet_ext.layers.chunk import subsampling_context
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = {
@@ -185,10 +186,11 @@ def ffn_per_call(models, wavs, chunk: int, repeats: int, clock) -> List[tuple]:
 
     Returns [(tokens, dense seconds, moe seconds)], medians of interleaved rounds.
     """
-    rate = 160 * _subsampling(models["dense"].asr_model.encoder)
+    encoder = models["dense"].asr_model.encoder
+    rate = 160 * subsampling_context(encoder.embed.conv)[0]
     mean_frames = round(statistics.mean(len(w) for w in wavs) / rate)
     layers = {m: models[m].asr_model.encoder.encoders[0].feed_forward for m in models}
-    d = models["dense"].asr_model.encoder.output_size()
+    d = encoder.output_size()
     out = []
     with torch.no_grad():
         for n in (chunk, mean_frames):
@@ -205,24 +207,6 @@ def ffn_per_call(models, wavs, chunk: int, repeats: int, clock) -> List[tuple]:
                 (n, statistics.median(times["dense"]), statistics.median(times["moe"]))
             )
     return out
-
-
-def _subsampling(encoder) -> int:
-    """Input frames per encoder frame of an ESPnet conformer's input layer."""
-    from espnet.nets.pytorch_backend.transformer.subsampling import (
-        Conv2dSubsampling,
-        Conv2dSubsampling6,
-        Conv2dSubsampling8,
-    )
-
-    for cls, rate in (
-        (Conv2dSubsampling6, 6),
-        (Conv2dSubsampling8, 8),
-        (Conv2dSubsampling, 4),
-    ):
-        if isinstance(encoder.embed, cls):
-            return rate
-    return 1
 
 
 def render(rows, params, seconds, ffn, n_utts, repeats, chunk, left, clock_name) -> str:

@@ -55,7 +55,6 @@ __all__ = [
     "nf4_dequantize",
     "int8_quantize",
     "int8_dequantize",
-    "quantize_linears",
     "NF4_TABLE",
 ]
 
@@ -538,19 +537,6 @@ class FrozenEmbedding(FrozenLinear):
 
 # The module kinds ``quantize_modules`` can store quantised.
 KINDS = ("linear", "conv", "embedding")
-
-
-def quantize_linears(
-    module: torch.nn.Module,
-    fmt: str,
-    block_size: int = 64,
-    scaler_block_size: int = 256,
-    skip=(),
-) -> int:
-    """:func:`quantize_modules` for the ``nn.Linear`` layers only."""
-    return quantize_modules(
-        module, fmt, block_size, scaler_block_size, skip, kinds=("linear",)
-    )
 
 
 def quantize_modules(

@@ -18,21 +18,3 @@ def test_report_gives_each_models_streaming_over_full_ratio_and_the_ffn_table():
     assert "- moe: streaming RTF / full-context RTF = 1.50" in text
     assert "| 16 (one chunk) | 0.200 | 2.000 | 10.0 |" in text
     assert "| 50 (a mean-length utterance) | 0.400 | 3.000 | 7.5 |" in text
-
-
-def test_subsampling_rate_of_espnet_input_layers():
-    from espnet.nets.pytorch_backend.transformer.subsampling import (
-        Conv2dSubsampling,
-        Conv2dSubsampling6,
-    )
-
-    class Enc:
-        pass
-
-    enc = Enc()
-    for layer, rate in (
-        (Conv2dSubsampling6(40, 8, 0.0), 6),
-        (Conv2dSubsampling(40, 8, 0.0), 4),
-    ):
-        enc.embed = layer
-        assert streaming._subsampling(enc) == rate

@@ -95,8 +95,15 @@ setup(
     extras_require={
         # wheel: tests/test_packaging.py runs the PEP 517 build hooks without isolation
         # torchao: NF4 weights of SAML's quantised base (tests check them);
-        # openai-whisper: the SAML adapter test builds a random-weight Whisper.
-        "test": ["pytest>=7", "wheel", "torchao>=0.18", "openai-whisper>=20240930"],
+        # openai-whisper: the SAML adapter test builds a random-weight Whisper;
+        # pytest-xdist: the suite runs on two worker processes (pyproject.toml).
+        "test": [
+            "pytest>=7",
+            "pytest-xdist>=3",
+            "wheel",
+            "torchao>=0.18",
+            "openai-whisper>=20240930",
+        ],
         # SAML (adapter: saml, quantize: nf4): torchao's NF4 tensor, which moved
         # between releases (constraints.txt pins the tested one).
         "saml": ["torchao>=0.18"],

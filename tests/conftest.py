@@ -12,6 +12,19 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_ENV = "ESPNET_EXT_SHARED_DATA"
 
 
+def pytest_configure(config):
+    """One thread per pytest-xdist worker (pyproject.toml runs one worker per core).
+
+    Every worker would otherwise start one thread per core, and on 2 cores their
+    OpenMP threads wait on each other. Fresh interpreters the tests start inherit it.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def shared_data_root() -> Path:
     return Path(os.environ.get(DATA_ENV, REPO.parent / "shared" / "data"))
 

@@ -115,12 +115,19 @@ def greedy_prune(model, batches, keep_blocks: int, device: str = "cpu") -> Dict:
     model.eval()
     current = list(range(len(blocks)))
     steps = [{"blocks": list(current), "loss": _mean_loss(model, batches, device)}]
+    print(f"[i3d_prune] all {len(blocks)} blocks: loss {steps[0]['loss']:.3f}")
     removed = []
     while len(current) > keep_blocks:
         candidates = {}
         for i in current:
             _use_blocks(encoder, blocks, [j for j in current if j != i])
             candidates[i] = _mean_loss(model, batches, device)
+            # Progress: each candidate is a pass over the whole data dir.
+            print(
+                f"[i3d_prune] {len(current) - 1} blocks, without block {i + 1}: "
+                f"loss {candidates[i]:.3f}",
+                flush=True,
+            )
         drop = min(candidates, key=candidates.get)
         current.remove(drop)
         removed.append(drop)

@@ -6,8 +6,9 @@ ESPnet stops training after ``max_epoch`` epochs, not after a time. Each config'
 slower. This tool starts the command, reads ESPnet's own per-epoch timing from
 ``<exp_dir>/asr_train/train.log`` ("Nepoch results: ... time=6 minutes and 37.6
 seconds"), and once the running epoch would end past the budget (judged by the last
-epoch's duration) it stops the command and runs it again with ``--max_epoch K``, K
-being the epochs done, and the later stages only. ESPnet resumes from
+epoch's duration) it stops the command, once epoch K is saved, and runs it again
+with ``--max_epoch K``, K being the epochs done, and the later stages only. A run whose
+last epoch is its ``max_epoch`` is left to finish. ESPnet resumes from
 ``checkpoint.pth``, finds nothing left to train, averages the best checkpoints, and the
 pipeline decodes and scores as usual. The interrupted ``train.log`` is kept as
 ``train.epochs1-K.log``.
@@ -32,13 +33,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 # humanfriendly.format_timespan, as ESPnet's reporter writes it: "45.2 seconds",
 # "6 minutes and 37.62 seconds", "1 hour, 2 minutes and 3.5 seconds".
 # An epoch's line has one per phase ([train], [valid]); the epoch lasts their sum.
 _EPOCH = re.compile(r"\d+epoch results: (.*)")
 _EPOCH_NUMBER = re.compile(r"(\d+)epoch results: ")
+_STARTED = re.compile(r"(\d+)/(\d+)epoch started")
 _PHASE = re.compile(r"\btime=(.+?), total_count")
 _UNIT = re.compile(r"([\d.]+) (week|day|hour|minute|second)s?")
 _SECONDS = {"week": 604800, "day": 86400, "hour": 3600, "minute": 60, "second": 1}
@@ -68,9 +70,34 @@ def last_epoch(log_text: str) -> int:
     return max(numbers, default=0)
 
 
+def final_epoch(log_text: str) -> Optional[int]:
+    """The run's ``max_epoch``, from ESPnet's "3/15epoch started" lines (None before
+    the first)."""
+    found = _STARTED.findall(log_text)
+    return int(found[-1][1]) if found else None
+
+
 def over_budget(epochs: List[float], budget_s: float) -> bool:
     """Whether the running epoch would end past the budget (it lasts as the last)."""
     return bool(epochs) and sum(epochs) + epochs[-1] > budget_s
+
+
+def saved(train_dir: Path, epoch: int) -> bool:
+    """Whether ESPnet has saved ``epoch``. It logs an epoch's results before it writes
+    ``checkpoint.pth`` and ``{epoch}epoch.pth``, and points ``latest.pth`` at the latter
+    last: stopping in between would lose the epoch (the resumed run trains it again)."""
+    latest = train_dir / "latest.pth"
+    return latest.is_symlink() and os.readlink(latest) == f"{epoch}epoch.pth"
+
+
+def should_stop(log_text: str, train_dir: Path, budget_s: float) -> bool:
+    """Over budget, with a next epoch to skip, and the last one saved."""
+    done = last_epoch(log_text)
+    return (
+        over_budget(epoch_seconds(log_text), budget_s)
+        and done != final_epoch(log_text)
+        and saved(train_dir, done)
+    )
 
 
 def main() -> int:
@@ -95,8 +122,7 @@ def main() -> int:
         # A log older than the job is a previous run's (the pipeline rewrites it).
         fresh = log.exists() and log.stat().st_mtime >= started
         text = log.read_text() if fresh else ""
-        epochs = epoch_seconds(text)
-        if over_budget(epochs, budget_s):
+        if should_stop(text, log.parent, budget_s):
             break
         time.sleep(args.poll_seconds)
     else:
@@ -105,6 +131,7 @@ def main() -> int:
     # A resumed run's log holds only its own epochs; ESPnet numbers them from the
     # start of training, and --max_epoch counts the same way.
     done = last_epoch(text)
+    epochs = epoch_seconds(text)
     print(
         f"stop_at_budget: {len(epochs)} epochs in {sum(epochs) / 60:.1f} min; the next "
         f"would end at ~{(sum(epochs) + epochs[-1]) / 60:.1f} min > "

@@ -115,7 +115,9 @@ def greedy_prune(model, batches, keep_blocks: int, device: str = "cpu") -> Dict:
     model.eval()
     current = list(range(len(blocks)))
     steps = [{"blocks": list(current), "loss": _mean_loss(model, batches, device)}]
-    print(f"[i3d_prune] all {len(blocks)} blocks: loss {steps[0]['loss']:.3f}")
+    print(
+        f"[i3d_prune] all {len(blocks)} blocks: loss {steps[0]['loss']:.3f}", flush=True
+    )
     removed = []
     while len(current) > keep_blocks:
         candidates = {}

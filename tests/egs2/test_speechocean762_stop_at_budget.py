@@ -53,7 +53,7 @@ def _fake_job(tmp_path, epochs: int, final: int, save_after: float):
     exp, calls = tmp_path / "exp", tmp_path / "calls"
     job = tmp_path / "job.py"
     job.write_text(
-        "import os, pathlib, signal, sys, time\n"
+        "import pathlib, signal, sys, time\n"
         f"calls = pathlib.Path({str(calls)!r})\n"
         "calls.open('a').write(' '.join(sys.argv[1:]) + '\\n')\n"
         "if '--stages' in sys.argv:\n"

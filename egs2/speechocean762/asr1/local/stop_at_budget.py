@@ -38,8 +38,7 @@ from typing import List, Optional
 # humanfriendly.format_timespan, as ESPnet's reporter writes it: "45.2 seconds",
 # "6 minutes and 37.62 seconds", "1 hour, 2 minutes and 3.5 seconds".
 # An epoch's line has one per phase ([train], [valid]); the epoch lasts their sum.
-_EPOCH = re.compile(r"\d+epoch results: (.*)")
-_EPOCH_NUMBER = re.compile(r"(\d+)epoch results: ")
+_EPOCH = re.compile(r"(\d+)epoch results: (.*)")  # (epoch number, phases)
 _STARTED = re.compile(r"(\d+)/(\d+)epoch started")
 _PHASE = re.compile(r"\btime=(.+?), total_count")
 _UNIT = re.compile(r"([\d.]+) (week|day|hour|minute|second)s?")
@@ -58,7 +57,7 @@ def parse_timespan(text: str) -> float:
 def epoch_seconds(log_text: str) -> List[float]:
     """ESPnet's wall-clock time of each finished epoch, in order, from a train.log."""
     return [
-        sum(parse_timespan(t) for t in _PHASE.findall(m.group(1)))
+        sum(parse_timespan(t) for t in _PHASE.findall(m.group(2)))
         for m in _EPOCH.finditer(log_text)
     ]
 
@@ -66,7 +65,7 @@ def epoch_seconds(log_text: str) -> List[float]:
 def last_epoch(log_text: str) -> int:
     """The number of the last finished epoch in a train.log (ESPnet counts from the
     start of training, so a resumed run's log starts past 1)."""
-    numbers = [int(m.group(1)) for m in _EPOCH_NUMBER.finditer(log_text)]
+    numbers = [int(m.group(1)) for m in _EPOCH.finditer(log_text)]
     return max(numbers, default=0)
 
 

@@ -7,7 +7,7 @@
 # pip install -c ../../../constraints.txt 'espnet_ext[saml]' (torchao).
 #
 #   local/run_saml.sh [--base exp_cpu/train_asr_conformer] [--n_experts 10]
-#                     [--stages 'base lora experts mixture saml']
+#                     [--stages 'base lora experts mixture saml'] [--mixture_epochs N]
 #
 # Stages: base (rows 1, 2), lora (row 3), experts (one LoRA per training speaker),
 # mixture (pre-training, ./run_cpu.sh into exp_cpu/train_asr_saml_adapter: the main
@@ -25,6 +25,8 @@ n_experts=10
 lora_steps=200       # per training speaker, all of their utterances
 adapt_steps=20       # per test speaker, first 10 utterances
 inference_config=conf/decode_asr.yaml
+mixture_epochs=      # empty: the config's max_epoch; the mixture starts from the trained
+                     # base and trains only routers and LoRA experts
 stages="base lora experts mixture saml"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -36,6 +38,7 @@ while [ $# -gt 0 ]; do
         --lora_steps) lora_steps=$2; shift 2 ;;
         --adapt_steps) adapt_steps=$2; shift 2 ;;
         --stages) stages=$2; shift 2 ;;
+        --mixture_epochs) mixture_epochs=$2; shift 2 ;;
         *) echo "$0: unknown option '$1'" >&2; exit 1 ;;
     esac
 done
@@ -97,8 +100,10 @@ conf["adapter_conf"]["init_experts"] = files
 conf["adapter_conf"]["num_experts"] = len(files)
 yaml.safe_dump(conf, open(out, "w"), sort_keys=False)
 PY
+    train_args="--init_param ${base_model}"
+    [ -z "${mixture_epochs}" ] || train_args+=" --max_epoch ${mixture_epochs}"
     ./run_cpu.sh --asr_config "${expdir}/train_asr_saml_adapter.yaml" \
-        --expdir "${mixdir}" --train_args "--init_param ${base_model}"
+        --expdir "${mixdir}" --train_args "${train_args}"
 fi
 
 if has saml; then

@@ -258,7 +258,9 @@ def render(rows, params, seconds, ffn, n_utts, repeats, chunk, left, clock_name)
         "chunk's few tokens that is nearly every expert, so a call costs about as "
         "much for one chunk as for a whole utterance, and streaming makes one call "
         "per chunk. The dense FFN's cost follows its tokens. At these sizes the "
-        "expert GEMMs are bound by reading weights, not by arithmetic.",
+        "expert GEMMs are bound by reading weights, not by arithmetic. Both modes "
+        "decode with the experts stacked (`prepare_moe_inference`: one batched "
+        "GEMM pair per MoE layer instead of one pair per expert).",
     ]
     return "\n".join(lines) + "\n"
 

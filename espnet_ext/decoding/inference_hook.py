@@ -39,6 +39,8 @@ from typing import Any, Dict, NamedTuple, Optional
 
 import torch
 
+from espnet_ext.layers.moe import prepare_moe_inference
+
 __all__ = [
     "DecodeOptions",
     "MODES",
@@ -405,6 +407,9 @@ def _wrap_build_model_from_file(original_func):
     def build_model_from_file(cls, *args, **kwargs):
         model, train_args = original_func(cls, *args, **kwargs)
         guard_short_input(model)
+        # A model loaded from a file is decoded (or a frozen teacher): lay MoE
+        # experts out for batched inference (no copy; state dict unchanged).
+        prepare_moe_inference(model)
         opts = _state["options"]
         if opts is not None:
             configure_model(model, opts)

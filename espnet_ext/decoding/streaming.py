@@ -37,6 +37,7 @@ from espnet_ext.decoding.search import (
     attention_rescoring,
     resolve_reverse_weight,
 )
+from espnet_ext.layers.moe import prepare_moe_inference
 
 __all__ = ["StreamingASR", "PartialResult"]
 
@@ -84,6 +85,7 @@ class StreamingASR:
         self.s2t = speech2text
         model = speech2text.asr_model
         self.model = model.eval()
+        prepare_moe_inference(model)  # MoE experts: one batched GEMM per chunk
         encoder = model.encoder
         if not hasattr(encoder, "forward_chunk"):
             raise ValueError(

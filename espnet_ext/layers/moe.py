@@ -41,6 +41,10 @@ __all__ = [
     "DISPATCH",
     "dispatch_reference",
     "dispatch_sorted",
+    "dispatch_padded",
+    "expert_stack",
+    "stack_experts",
+    "prepare_moe_inference",
     "default_layout",
     "expert_activation",
     "sort_pairs",
@@ -203,6 +207,133 @@ def dispatch_sorted(
     return out.to(x.dtype)
 
 
+def _plain_expert_params(experts: torch.nn.ModuleList) -> Optional[List[torch.Tensor]]:
+    """[w_1.weight, w_1.bias, w_2.weight, w_2.bias] of every expert, in order, or
+    ``None`` unless every expert is ESPnet's ``PositionwiseFeedForward`` with plain
+    biased ``Linear`` layers of one dtype and device (not wrapped or quantised)."""
+    params = []
+    for expert in experts:
+        if type(expert) is not PositionwiseFeedForward:
+            return None
+        for lin in (expert.w_1, expert.w_2):
+            if type(lin) is not torch.nn.Linear or lin.bias is None:
+                return None
+            params += [lin.weight, lin.bias]
+    if len({(p.dtype, p.device) for p in params}) != 1:
+        return None
+    return params
+
+
+def stack_experts(experts: torch.nn.ModuleList) -> bool:
+    """Lay the experts' weights out as one stack for inference; no copy is kept.
+
+    The weights are stacked *transposed*, ``w_1`` as (E, D, H) and ``w_2`` as
+    (E, H, D), and each expert's parameters become views of their slice
+    (``param.data = stack[e].t()``: same shape and values, column-major), so the
+    stack *is* the parameters: ``load_state_dict`` writes into it and the state dict
+    keeps its keys and values. Batched GEMMs read (E, D, H) blocks about 1.7x
+    faster than (E, H, D) ones (measured on CPU at 4-16 rows per expert). Called
+    for decoding (:func:`prepare_moe_inference`), never in training, where a
+    column-major parameter would not match DDP's gradient buckets.
+
+    Returns:
+        whether the experts are of the plain kind that can be stacked.
+    """
+    params = _plain_expert_params(experts)
+    if params is None:
+        return False
+    if expert_stack(experts) is not None:
+        return True
+    with torch.no_grad():
+        stack = tuple(
+            torch.stack([p.data.t() if p.dim() == 2 else p.data for p in params[i::4]])
+            for i in range(4)
+        )  # w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2 (E, D)
+    for i, p in enumerate(params):
+        view = stack[i % 4][i // 4]
+        p.data = view.t() if view.dim() == 2 else view
+    ptrs = tuple(p.data_ptr() for p in params)
+    experts.__dict__["_moe_stack"] = (ptrs, stack)
+    return True
+
+
+def expert_stack(
+    experts: torch.nn.ModuleList,
+) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The stack of :func:`stack_experts` while every parameter still lies in it.
+
+    A ``.to()``, a replaced parameter or an expert swapped for another module puts
+    a parameter elsewhere; then ``None`` (and the per-expert dispatch is used).
+
+    Returns:
+        (w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2 (E, D)) or ``None``.
+    """
+    cached = experts.__dict__.get("_moe_stack")
+    if cached is None:
+        return None
+    params = _plain_expert_params(experts)
+    if params is None or tuple(p.data_ptr() for p in params) != cached[0]:
+        return None
+    return cached[1]
+
+
+def prepare_moe_inference(model: torch.nn.Module) -> int:
+    """:func:`stack_experts` for every MoE layer of ``model`` (once per expert
+    bank); returns how many banks were stacked. Decoding entry points call it."""
+    banks = {
+        id(m.experts): m.experts
+        for m in model.modules()
+        if isinstance(m, MoEFeedForward)
+    }
+    return sum(stack_experts(bank) for bank in banks.values())
+
+
+def dispatch_padded(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    stack: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    activation: torch.nn.Module,
+) -> torch.Tensor:
+    """Every expert at once: each expert's pairs padded to the largest block, two
+    batched GEMMs over the (E, C, D) blocks.
+
+    For few tokens (a streaming chunk: 16 tokens, ~4 pairs per expert) the per-expert
+    GEMM pairs of :func:`dispatch_sorted` cost their fixed overhead E times over;
+    here it is paid once, at the price of the padded rows' arithmetic. Dropout is not
+    applied (inference).
+
+    Args:
+        x: (N, D) tokens; weights, indices: (N, k) as :func:`dispatch_reference`.
+        stack: :func:`expert_stack` of the experts (w_1 and w_2 transposed).
+        activation: the experts' activation.
+
+    Returns:
+        (N, D) in x's dtype, equal to :func:`dispatch_reference` in eval mode.
+    """
+    w1, b1, w2, b2 = stack
+    n, k = indices.shape
+    num_experts = w1.size(0)
+    order, token, counts = sort_pairs(indices, num_experts)
+    capacity = max(counts)
+    if n == 0 or capacity == 0:
+        return x.new_zeros(x.shape)
+    expert = indices.reshape(-1).index_select(0, order)  # (N*k,) sorted
+    sizes = expert_counts(indices, num_experts)
+    start = sizes.cumsum(0) - sizes  # (E,) first sorted pair of each expert
+    rank = torch.arange(expert.numel(), device=x.device) - start.index_select(0, expert)
+    slot = expert * capacity + rank  # (N*k,) row of each pair in the padded blocks
+    blocks = x.new_zeros(num_experts * capacity, x.size(-1))
+    blocks = blocks.index_copy(0, slot, x.index_select(0, token))
+    blocks = blocks.view(num_experts, capacity, -1)  # (E, C, D)
+    h = activation(torch.baddbmm(b1.unsqueeze(1), blocks, w1))  # (E, C, H)
+    y = torch.baddbmm(b2.unsqueeze(1), h, w2).flatten(0, 1)  # (E * C, D)
+    pair_weights = weights.float().reshape(-1).index_select(0, order).unsqueeze(-1)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    out.index_add_(0, token, y.index_select(0, slot).float() * pair_weights)
+    return out.to(x.dtype)
+
+
 DISPATCH: Dict[str, Callable[..., torch.Tensor]] = {
     "reference": dispatch_reference,
     "sorted": dispatch_sorted,
@@ -219,7 +350,13 @@ class MoEFeedForward(AuxRecorder, torch.nn.Module):
         top_k: experts per token k (1 <= k <= E).
         dropout_rate: dropout inside each expert (as ESPnet's FFN).
         activation: the experts' activation module.
-        impl: dispatch implementation, a key of ``DISPATCH``.
+        impl: dispatch implementation, a key of ``DISPATCH`` (training, and
+            inference with more tokens than ``padded_max_pairs``).
+        padded_max_pairs: inference (eval mode, no autograd) with at most this many
+            routing pairs (tokens x k), once :func:`prepare_moe_inference` stacked
+            the experts, uses :func:`dispatch_padded`: one batched GEMM pair instead
+            of one per expert, which makes streaming chunks cheaper. 0 switches it
+            off. Same results as ``impl`` up to float rounding.
         balance_loss_weight: default weight of the ``moe_balance`` aux loss
             (Switch-style ``E * sum_e f_e P_e``; 1.0 when perfectly balanced).
             U2++ MoE uses none: 0.0.
@@ -258,6 +395,7 @@ class MoEFeedForward(AuxRecorder, torch.nn.Module):
         z_loss_weight: float = 0.0,
         aux_prefix: str = "",
         experts: Optional[torch.nn.ModuleList] = None,
+        padded_max_pairs: int = 256,
     ):
         super().__init__()
         if num_experts < 1:
@@ -275,6 +413,7 @@ class MoEFeedForward(AuxRecorder, torch.nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
         self.impl = impl
+        self.padded_max_pairs = padded_max_pairs
         self.balance_loss_weight = balance_loss_weight
         self.z_loss_weight = z_loss_weight
         self.aux_prefix = aux_prefix
@@ -325,6 +464,12 @@ class MoEFeedForward(AuxRecorder, torch.nn.Module):
         logits, weights, indices = self.route(tokens)
         if self.training:
             self._record_aux(logits, indices, shape)
+        elif not torch.is_grad_enabled() and indices.numel() <= self.padded_max_pairs:
+            stack = expert_stack(self.experts)
+            if stack is not None:
+                activation = self.experts[0].activation
+                out = dispatch_padded(tokens, weights, indices, stack, activation)
+                return out.view(shape)
         out = DISPATCH[self.impl](tokens, weights, indices, self.experts)
         return out.view(shape)
 

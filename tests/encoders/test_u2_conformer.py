@@ -78,6 +78,42 @@ def test_chunk_by_chunk_equals_full_forward_with_chunk_mask(cls, chunk, left):
     assert not torch.allclose(ctx, full, atol=1e-4)
 
 
+def test_moe_chunk_by_chunk_with_stacked_experts_equals_full_forward():
+    from espnet_ext.layers.moe import prepare_moe_inference
+
+    enc = _enc(MoEConformerEncoder, use_dynamic_chunk=True, causal=True).eval()
+    assert prepare_moe_inference(enc) == 4  # 2 blocks x (macaron + FFN)
+    xs = torch.randn(1, 131, 20)
+    enc.set_decoding_chunk(4, 1)
+    full, _, _ = enc(xs, torch.tensor([131]))
+    streamed = enc.forward_chunk_by_chunk(xs, 4, 1)
+    assert torch.allclose(streamed, full, atol=1e-5), (streamed - full).abs().max()
+
+
+class _WrappedConv1d(torch.nn.Conv1d):
+    """Not the plain type: the chunk path must call the module itself."""
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_chunk_conv_path_equals_full_forward_with_trained_batchnorm(wrapped):
+    enc = _enc(U2ConformerEncoder, use_dynamic_chunk=True, causal=True)
+    with torch.no_grad():  # BatchNorm statistics and affine far from their init
+        for layer in enc.encoders:
+            norm = layer.conv_module.norm
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+            if wrapped:
+                layer.conv_module.pointwise_conv1.__class__ = _WrappedConv1d
+    enc.eval()
+    xs = torch.randn(1, 131, 20)
+    enc.set_decoding_chunk(4, 1)
+    full, _, _ = enc(xs, torch.tensor([131]))
+    streamed = enc.forward_chunk_by_chunk(xs, 4, 1)
+    assert torch.allclose(streamed, full, atol=1e-5), (streamed - full).abs().max()
+
+
 def test_simulate_streaming_forward_is_chunk_by_chunk():
     enc = _enc(U2ConformerEncoder, use_dynamic_chunk=True, causal=True).eval()
     xs = torch.randn(1, 90, 20)

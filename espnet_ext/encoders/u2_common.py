@@ -502,15 +502,16 @@ def _projected_positions(attn, pos_emb: torch.Tensor) -> torch.Tensor:
 
     Every chunk of every utterance projects the same few windows of the positional
     table (``keys`` = cached + chunk frames), so a plain ``Linear`` projection is
-    kept per window until the weight changes (its version counter and storage are
-    part of the key). Any other ``linear_pos`` module is called each time.
+    kept per window until a parameter changes (their version counters and storage
+    are part of the key). Any other ``linear_pos`` module is called each time.
     """
     lin = attn.linear_pos
     if type(lin) is not torch.nn.Linear:
         p = lin(pos_emb)
     else:
-        w = lin.weight
-        key = (pos_emb.data_ptr(), pos_emb.shape, w.data_ptr(), w._version, w.dtype)
+        key = (pos_emb.data_ptr(), pos_emb.shape, pos_emb.dtype) + tuple(
+            (t.data_ptr(), t._version) for t in lin.parameters()
+        )
         memo = attn.__dict__.setdefault("_u2_pos_memo", {})
         p = memo.get(key)
         if p is None:

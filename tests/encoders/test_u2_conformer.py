@@ -90,6 +90,19 @@ def test_moe_chunk_by_chunk_with_stacked_experts_equals_full_forward():
     assert torch.allclose(streamed, full, atol=1e-5), (streamed - full).abs().max()
 
 
+def test_memoised_position_projections_follow_weight_updates():
+    enc = _enc(U2ConformerEncoder, use_dynamic_chunk=True, causal=True).eval()
+    xs = torch.randn(1, 131, 20)
+    enc.forward_chunk_by_chunk(xs, 4, 1)  # fills the memo
+    with torch.no_grad():
+        for layer in enc.encoders:
+            layer.self_attn.linear_pos.weight.mul_(3.0)
+    enc.set_decoding_chunk(4, 1)
+    full, _, _ = enc(xs, torch.tensor([131]))
+    streamed = enc.forward_chunk_by_chunk(xs, 4, 1)
+    assert torch.allclose(streamed, full, atol=1e-5), (streamed - full).abs().max()
+
+
 class _WrappedConv1d(torch.nn.Conv1d):
     """Not the plain type: the chunk path must call the module itself."""
 

@@ -25,6 +25,7 @@ experts run in the input's (or autocast's) dtype. The output has the input's dty
 outputs and gradients as ``"reference"``.
 """
 
+import itertools
 import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -319,8 +320,10 @@ def dispatch_padded(
     if n == 0 or capacity == 0:
         return x.new_zeros(x.shape)
     expert = indices.reshape(-1).index_select(0, order)  # (N*k,) sorted
-    sizes = expert_counts(indices, num_experts)
-    start = sizes.cumsum(0) - sizes  # (E,) first sorted pair of each expert
+    # (E,) first sorted pair of each expert, from the block sizes already on the host
+    start = torch.tensor(
+        list(itertools.accumulate(counts[:-1], initial=0)), device=x.device
+    )
     rank = torch.arange(expert.numel(), device=x.device) - start.index_select(0, expert)
     slot = expert * capacity + rank  # (N*k,) row of each pair in the padded blocks
     blocks = x.new_zeros(num_experts * capacity, x.size(-1))

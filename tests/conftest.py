@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "egs2" / "speechocean762" / "asr1"
 DATA_ENV = "ESPNET_EXT_SHARED_DATA"
 
 
@@ -103,3 +104,15 @@ def run_python(code: str, env_extra=None, timeout=300) -> subprocess.CompletedPr
         proc.returncode == 0
     ), f"subprocess failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
     return proc
+
+
+def recipe_tool(name: str):
+    """A script of the recipe's ``local/`` imported as a module (``results``, ...)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"speechocean762_{name}", RECIPE / "local" / f"{name}.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

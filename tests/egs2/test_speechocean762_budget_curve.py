@@ -1,21 +1,15 @@
 """``local/budget_curve.py``: checkpoint averaging and the decoded budget points."""
 
-import importlib.util
 import json
 
 import pytest
 import torch
-from conftest import REPO
-
-TOOL = REPO / "egs2" / "speechocean762" / "asr1" / "local" / "budget_curve.py"
+from conftest import recipe_tool
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("budget_curve", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return recipe_tool("budget_curve")
 
 
 def test_average_is_espnets_floats_averaged_integers_summed(tool, tmp_path):

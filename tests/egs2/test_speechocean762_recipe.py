@@ -16,11 +16,9 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-from conftest import REPO
+from conftest import RECIPE
 
 from espnet_ext.bin.scoring import score_set
-
-RECIPE = REPO / "egs2" / "speechocean762" / "asr1"
 
 
 def _run(cmd, corpus: Path, timeout: int = 900) -> subprocess.CompletedProcess:

@@ -5,23 +5,15 @@
 baseline wrote). These tests rebuild both and compare.
 """
 
-import importlib.util
 import json
 
 import pytest
-from conftest import REPO
-
-RECIPE = REPO / "egs2" / "speechocean762" / "asr1"
+from conftest import RECIPE, recipe_tool
 
 
 @pytest.fixture(scope="module")
 def results_mod():
-    spec = importlib.util.spec_from_file_location(
-        "speechocean762_results", RECIPE / "local" / "results.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return recipe_tool("results")
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +110,7 @@ def test_readme_saml_table_is_the_one_built_from_its_rows_file(results_mod):
 
 
 def test_saml_rows_are_gathered_from_the_adaptation_summaries(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "saml_rows", RECIPE / "local" / "saml_rows.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = recipe_tool("saml_rows")
     spk = dict(adapt_utts=10, seconds=3.0, adapter_bytes=2000, train_losses=[1.0])
     for row, losses in (("row1_fp32_base", []), ("row3_nf4_lora", [1.0])):
         (tmp_path / row).mkdir()

@@ -1,12 +1,10 @@
 """``local/stop_at_budget.py``: the recipe's wall-clock budget rule, on a fake job."""
 
-import importlib.util
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import RECIPE, recipe_tool
 
-RECIPE = REPO / "egs2" / "speechocean762" / "asr1"
 TOOL = RECIPE / "local" / "stop_at_budget.py"
 
 # Two epochs as ESPnet 202511's trainer logs them (shortened).
@@ -22,10 +20,7 @@ LOG = (
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("stop_at_budget", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return recipe_tool("stop_at_budget")
 
 
 def test_an_epoch_lasts_its_train_and_valid_phases(tool):

@@ -78,16 +78,20 @@ def test_chunk_by_chunk_equals_full_forward_with_chunk_mask(cls, chunk, left):
     assert not torch.allclose(ctx, full, atol=1e-4)
 
 
+def _assert_chunk_by_chunk_equals_masked(enc, xs, chunk=4, left=1):
+    """Chunk-by-chunk encoding == one full forward under the same chunk mask."""
+    enc.set_decoding_chunk(chunk, left)
+    full, _, _ = enc(xs, torch.tensor([xs.size(1)]))
+    streamed = enc.forward_chunk_by_chunk(xs, chunk, left)
+    assert torch.allclose(streamed, full, atol=1e-5), (streamed - full).abs().max()
+
+
 def test_moe_chunk_by_chunk_with_stacked_experts_equals_full_forward():
     from espnet_ext.layers.moe import prepare_moe_inference
 
     enc = _enc(MoEConformerEncoder, use_dynamic_chunk=True, causal=True).eval()
     assert prepare_moe_inference(enc) == 4  # 2 blocks x (macaron + FFN)
-    xs = torch.randn(1, 131, 20)
-    enc.set_decoding_chunk(4, 1)
-    full, _, _ = enc(xs, torch.tensor([131]))
-    streamed = enc.forward_chunk_by_chunk(xs, 4, 1)
-    assert torch.allclose(streamed, full, atol=1e-5), (streamed - full).abs().max()
+    _assert_chunk_by_chunk_equals_masked(enc, torch.randn(1, 131, 20))
 
 
 def test_memoised_position_projections_follow_weight_updates():
@@ -97,10 +101,7 @@ def test_memoised_position_projections_follow_weight_updates():
     with torch.no_grad():
         for layer in enc.encoders:
             layer.self_attn.linear_pos.weight.mul_(3.0)
-    enc.set_decoding_chunk(4, 1)
-    full, _, _ = enc(xs, torch.tensor([131]))
-    streamed = enc.forward_chunk_by_chunk(xs, 4, 1)
-    assert torch.allclose(streamed, full, atol=1e-5), (streamed - full).abs().max()
+    _assert_chunk_by_chunk_equals_masked(enc, xs)
 
 
 class _WrappedConv1d(torch.nn.Conv1d):
@@ -120,11 +121,7 @@ def test_chunk_conv_path_equals_full_forward_with_trained_batchnorm(wrapped):
             if wrapped:
                 layer.conv_module.pointwise_conv1.__class__ = _WrappedConv1d
     enc.eval()
-    xs = torch.randn(1, 131, 20)
-    enc.set_decoding_chunk(4, 1)
-    full, _, _ = enc(xs, torch.tensor([131]))
-    streamed = enc.forward_chunk_by_chunk(xs, 4, 1)
-    assert torch.allclose(streamed, full, atol=1e-5), (streamed - full).abs().max()
+    _assert_chunk_by_chunk_equals_masked(enc, torch.randn(1, 131, 20))
 
 
 def test_simulate_streaming_forward_is_chunk_by_chunk():

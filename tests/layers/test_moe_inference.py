@@ -1,14 +1,15 @@
-"""MoE inference fast path: stacked experts and the padded batched dispatch."""
+"""MoE inference fast path: stacked experts, padded and grouped dispatch."""
 
 import pytest
 import torch
 
 from espnet_ext.layers.moe import (
     MoEFeedForward,
-    dispatch_padded,
     dispatch_reference,
+    dispatch_stacked,
     expert_stack,
     prepare_moe_inference,
+    stacked_layout,
 )
 
 D, F, E = 8, 16, 4
@@ -26,7 +27,7 @@ def _moe(seed=0, skew=0.0, **kw):
 
 @pytest.mark.parametrize("tokens", [0, 1, 5, 40])
 @pytest.mark.parametrize("skew", [0.0, 5.0])
-def test_padded_inference_equals_reference(tokens, skew):
+def test_stacked_inference_equals_reference(tokens, skew):
     moe = _moe(skew=skew)
     x = torch.randn(tokens, D)
     with torch.no_grad():
@@ -37,8 +38,23 @@ def test_padded_inference_equals_reference(tokens, skew):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_padded_dispatch_gradients_equal_reference():
-    """The padded math itself is differentiable (given a differentiable stack)."""
+@pytest.mark.parametrize("layout", ["padded", "grouped"])
+@pytest.mark.parametrize("skew", [0.0, 5.0])
+def test_each_stacked_layout_equals_reference(layout, skew):
+    moe = _moe(skew=skew)
+    prepare_moe_inference(moe)
+    x = torch.randn(9, D)
+    with torch.no_grad():
+        _, weights, indices = moe.route(x)
+        expected = dispatch_reference(x, weights, indices, moe.experts)
+        stack, act = expert_stack(moe.experts), moe.experts[0].activation
+        got = dispatch_stacked(x, weights, indices, stack, act, layout=layout)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["padded", "grouped"])
+def test_stacked_dispatch_gradients_equal_reference(layout):
+    """The stacked math itself is differentiable (given a differentiable stack)."""
     moe = _moe(skew=2.0)
     x = torch.randn(12, D, requires_grad=True)
     _, weights, indices = moe.route(x.detach())
@@ -57,7 +73,9 @@ def test_padded_dispatch_gradients_equal_reference():
     grads = []
     for fn in (
         lambda: dispatch_reference(x, weights, indices, ex),
-        lambda: dispatch_padded(x, weights, indices, stack(), ex[0].activation),
+        lambda: dispatch_stacked(
+            x, weights, indices, stack(), ex[0].activation, layout=layout
+        ),
     ):
         x.grad = None
         moe.zero_grad()
@@ -65,6 +83,32 @@ def test_padded_dispatch_gradients_equal_reference():
         grads.append([x.grad.clone()] + [p.grad.clone() for p in ex.parameters()])
     for got, expected in zip(grads[1], grads[0]):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize(
+    "counts, max_pairs, layout",
+    [
+        ([4, 4, 4, 4], 256, "padded"),  # balanced: one GEMM pair
+        ([6, 2, 4, 4], 256, "padded"),  # padding doubles the rows at most
+        ([10, 2, 2, 2], 256, "grouped"),  # padding would be 2.5x the rows
+        ([8, 8, 0, 0], 256, "grouped"),  # unused experts are never read
+        ([4, 4, 4, 4], 8, "grouped"),  # above padded_max_pairs
+        ([4, 4, 4, 4], 0, "grouped"),  # padding switched off
+    ],
+)
+def test_stacked_layout_pads_only_balanced_small_calls(counts, max_pairs, layout):
+    assert stacked_layout(counts, max_pairs) == layout
+
+
+def test_unknown_stacked_layout_is_an_error():
+    moe = _moe()
+    prepare_moe_inference(moe)
+    x = torch.randn(3, D)
+    _, weights, indices = moe.route(x)
+    with pytest.raises(ValueError, match="layout"):
+        dispatch_stacked(
+            x, weights, indices, expert_stack(moe.experts), torch.nn.ReLU(), "bmm"
+        )
 
 
 def test_stacking_keeps_state_dict_and_follows_load_state_dict():
@@ -131,22 +175,18 @@ def test_wrapped_experts_are_not_stacked():
     assert expert_stack(moe.experts) is None
 
 
-def test_autograd_and_switch_off_use_the_per_expert_dispatch(monkeypatch):
+def test_autograd_uses_the_per_expert_dispatch(monkeypatch):
     import espnet_ext.layers.moe as moe_module
 
     moe = _moe()
     prepare_moe_inference(moe)
     calls = []
     monkeypatch.setattr(
-        moe_module, "dispatch_padded", lambda *a: calls.append(1) or a[0]
+        moe_module, "dispatch_stacked", lambda *a, **kw: calls.append(1) or a[0]
     )
     x = torch.randn(4, D)
     moe(x)  # autograd on: not the inference path
-    moe.padded_max_pairs = 0
-    with torch.no_grad():
-        moe(x)
     assert not calls
-    moe.padded_max_pairs = 256
     with torch.no_grad():
         moe(x)
     assert calls

@@ -299,10 +299,11 @@ def stacked_layout(counts: Sequence[int], padded_max_pairs: int) -> str:
     block (two GEMMs per used expert). Padded wins only when every expert is used
     and padding at most doubles the rows (a balanced chunk); otherwise reading the
     unused experts' weights and computing the padding costs more than the extra GEMM
-    calls. Measured on CPU (one thread, CPU time) for a 16-token chunk, d=144, 8
-    experts of 576, top-2: 4 pairs on every expert, padded 0.77x the grouped time;
-    7 experts used, largest block 10 (an untrained router), grouped 0.8x padded;
-    two experts with 16 pairs each, grouped 0.3x padded.
+    calls. Measured on CPU (one thread, CPU time, beside two training jobs) for a
+    16-token chunk, d=144, 8 experts of 576, top-2: 4 pairs on every expert, padded
+    0.77x the grouped time; 7 experts used, largest block 10 (an untrained router),
+    grouped 0.8x padded; two experts with 16 pairs each, grouped 0.3x padded. The
+    recipe's trained U2++ MoE model routes a 16-frame chunk to ~5 of its 8 experts.
 
     Args:
         counts: (E,) pairs per expert, as :func:`sort_pairs` returns them.

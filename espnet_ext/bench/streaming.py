@@ -259,8 +259,9 @@ def render(rows, params, seconds, ffn, n_utts, repeats, chunk, left, clock_name)
         "much for one chunk as for a whole utterance, and streaming makes one call "
         "per chunk. The dense FFN's cost follows its tokens. At these sizes the "
         "expert GEMMs are bound by reading weights, not by arithmetic. Both modes "
-        "decode with the experts stacked (`prepare_moe_inference`: one batched "
-        "GEMM pair per MoE layer instead of one pair per expert).",
+        "decode with the experts stacked (`prepare_moe_inference`, "
+        "`dispatch_stacked`: only the experts that got tokens run, on slices of "
+        "one weight stack; a balanced call is padded into one batched GEMM pair).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -415,8 +415,8 @@ class MoEFeedForward(AuxRecorder, torch.nn.Module):
         top_k: experts per token k (1 <= k <= E).
         dropout_rate: dropout inside each expert (as ESPnet's FFN).
         activation: the experts' activation module.
-        impl: dispatch implementation, a key of ``DISPATCH`` (training, and
-            inference with more tokens than ``padded_max_pairs``).
+        impl: dispatch implementation, a key of ``DISPATCH`` (training, autograd,
+            and inference before :func:`prepare_moe_inference` stacked the experts).
         padded_max_pairs: once :func:`prepare_moe_inference` stacked the experts,
             inference (eval mode, no autograd) runs :func:`dispatch_stacked`, which
             pads balanced calls of at most this many routing pairs (tokens x k) into

@@ -213,16 +213,32 @@ def _plain_expert_params(experts: torch.nn.ModuleList) -> Optional[List[torch.Te
     """[w_1.weight, w_1.bias, w_2.weight, w_2.bias] of every expert, in order, or
     ``None`` unless every expert is ESPnet's ``PositionwiseFeedForward`` with plain
     biased ``Linear`` layers of one dtype and device (not wrapped or quantised)."""
+    params = _linear_params(experts)
+    if params is None or len({(p.dtype, p.device) for p in params}) != 1:
+        return None
+    return params
+
+
+def _linear_params(experts: torch.nn.ModuleList) -> Optional[List[torch.Tensor]]:
+    """:func:`_plain_expert_params` without the dtype/device check.
+
+    Reads the modules' ``_modules`` / ``_parameters`` dicts directly: every
+    inference call checks its stack with it (:func:`expert_stack`), and
+    ``nn.Module.__getattr__`` made that check cost ~100 us per call, as much as a
+    hot expert's GEMM pair at a chunk's few tokens.
+    """
     params = []
-    for expert in experts:
+    for expert in experts._modules.values():
         if type(expert) is not PositionwiseFeedForward:
             return None
-        for lin in (expert.w_1, expert.w_2):
-            if type(lin) is not torch.nn.Linear or lin.bias is None:
+        for name in ("w_1", "w_2"):
+            lin = expert._modules[name]
+            if type(lin) is not torch.nn.Linear:
                 return None
-            params += [lin.weight, lin.bias]
-    if len({(p.dtype, p.device) for p in params}) != 1:
-        return None
+            weight, bias = lin._parameters["weight"], lin._parameters["bias"]
+            if bias is None:
+                return None
+            params += (weight, bias)
     return params
 
 
@@ -273,7 +289,8 @@ def expert_stack(
     cached = experts.__dict__.get("_moe_stack")
     if cached is None:
         return None
-    params = _plain_expert_params(experts)
+    # A new dtype or device always means new tensors, so the addresses suffice.
+    params = _linear_params(experts)
     if params is None or tuple(p.data_ptr() for p in params) != cached[0]:
         return None
     return cached[1]
@@ -371,19 +388,23 @@ def dispatch_stacked(
     rows = x.index_select(0, token)  # (N*k, D), sorted by expert
     if layout == "grouped":
         # One gather and one index_add for all experts: per-expert ones cost more
-        # than their rows at a chunk's few tokens.
+        # than their rows at a chunk's few tokens. Likewise one unbind per tensor
+        # rather than four indexing ops per used expert.
+        w1s, b1s, w2s, b2s = (t.unbind(0) for t in stack)
         y = torch.cat(
             [
                 torch.addmm(
-                    b2[e],
-                    activation(torch.addmm(b1[e], rows[first : first + count], w1[e])),
-                    w2[e],
+                    b2s[e],
+                    activation(
+                        torch.addmm(b1s[e], rows[first : first + count], w1s[e])
+                    ),
+                    w2s[e],
                 )
                 for e, (first, count) in enumerate(zip(starts, counts))
                 if count
             ]
-        )  # (N*k, D), sorted by expert
-        out.index_add_(0, token, y.float() * pair_weights)
+        ).float()  # (N*k, D) fp32, sorted by expert; cat's own tensor: scaled in place
+        out.index_add_(0, token, y.mul_(pair_weights))
         return out.to(x.dtype)
     capacity = max(counts)
     expert = indices.reshape(-1).index_select(0, order)  # (N*k,) sorted
@@ -513,8 +534,12 @@ class MoEFeedForward(AuxRecorder, torch.nn.Module):
         Returns:
             logits (N, E) fp32, weights (N, k) fp32, indices (N, k) int64.
         """
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = torch.nn.functional.linear(x.float(), self.router.weight.float())
+        weight = self.router.weight
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                logits = torch.nn.functional.linear(x.float(), weight.float())
+        else:  # entering the context costs as much as the router itself (~7 us)
+            logits = torch.nn.functional.linear(x.float(), weight.float())
         top_logits, indices = logits.topk(self.top_k, dim=-1)
         if self.top_k == 1:
             # Switch Transformer: the softmax over one selected logit is the

@@ -139,6 +139,25 @@ def test_moved_parameters_fall_back_to_the_per_expert_dispatch():
         torch.testing.assert_close(moe(x), expected)
 
 
+@pytest.mark.parametrize("replace", ["expert", "linear", "parameter"])
+def test_replaced_module_after_stacking_falls_back(replace):
+    moe = _moe()
+    prepare_moe_inference(moe)
+    torch.manual_seed(3)
+    if replace == "expert":
+        moe.experts[2] = _moe(seed=4).experts[2]
+    elif replace == "linear":
+        moe.experts[2].w_2 = torch.nn.Linear(F, D)
+    else:
+        moe.experts[2].w_1.bias = torch.nn.Parameter(torch.randn(F))
+    assert expert_stack(moe.experts) is None
+    x = torch.randn(6, D)
+    with torch.no_grad():
+        _, weights, indices = moe.route(x)
+        expected = dispatch_reference(x, weights, indices, moe.experts)
+        torch.testing.assert_close(moe(x), expected)
+
+
 def test_training_after_stacking_updates_the_stacked_weights():
     moe = _moe()
     prepare_moe_inference(moe)

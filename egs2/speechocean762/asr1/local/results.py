@@ -238,6 +238,8 @@ def plot(
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     (ax_par, ax_rtf), (ax_acc, ax_cer) = axes
+    for ax in (ax_acc, ax_cer):  # more runs than the default cycle's 10 colours
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for name, r in done.items():
         label = name.replace("train_asr_", "")
         cer = r["sets"]["test"]["cer"]
@@ -274,12 +276,13 @@ def plot(
     ax_cer.set_ylabel("validation CER (CTC greedy)")
     for ax in (ax_acc, ax_cer):
         ax.set_xlabel("training wall-clock (h, one core)")
-        ax.legend(fontsize=8)
+    # One legend for both curve panels, beside them: inside, it hid the curves.
+    ax_cer.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     fig.suptitle("speechocean762: test CER vs size and speed; learning curves")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     return True
 
 

@@ -1,9 +1,9 @@
 """``python -m espnet_ext.bench streaming``: U2++ streaming vs full context.
 
 For the recipe's U2++ configs (dense ``u2_conformer`` + ``bitransformer`` and
-``moe_conformer`` + ``moe_bitransformer``; untrained weights: only time is measured),
-decodes real speechocean762 utterances two ways with the same search (CTC prefix beam
-search, then attention rescoring by both decoders):
+``moe_conformer`` + ``moe_bitransformer``), decodes real speechocean762 utterances two
+ways with the same search (CTC prefix beam search, then attention rescoring by both
+decoders):
 
 - full context: frontend, encoder over the whole utterance, search;
 - streaming: :class:`espnet_ext.decoding.streaming.StreamingASR`, audio fed in
@@ -16,6 +16,14 @@ compute time of the call that produced it (full context: the whole utterance + t
 whole decode). All four candidates run interleaved, order rotated every round. On CPU
 the clock is this process's CPU time with one thread (``--clock cpu``), so other jobs
 starving this one do not count. Writes ``bench_results/streaming.md``.
+
+By default the models are untrained (built from the recipe's YAMLs: nothing to
+download, runs anywhere). An untrained router spreads a chunk's tokens over nearly
+all experts and an untrained CTC keeps many prefixes alive, so both the MoE layers
+and the search cost what they would in the worst case. ``--dense_exp`` /
+``--moe_exp`` take trained ESPnet experiment directories instead (``asr_train`` with
+``config.yaml`` and ``--model_file``), the models a user would decode; the report
+then also says how many experts a call uses per mode.
 """
 
 import argparse
@@ -23,7 +31,7 @@ import statistics
 import sys
 import types
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -73,6 +81,89 @@ def build(config: Path, tmp: Path):
     )
 
 
+def load_trained(exp_dir: Path, model_file: str):
+    """A Speech2Text-like object from a trained ESPnet experiment directory.
+
+    ``config.yaml`` names its ``token_list`` (and a ``global_mvn`` stats file)
+    relative to the recipe directory it was trained in; they are looked up from the
+    working directory and from every parent of ``exp_dir``, so the bench runs from
+    anywhere.
+    """
+    import tempfile
+
+    import yaml
+    from espnet2.tasks.asr import ASRTask
+    from espnet2.text.char_tokenizer import CharTokenizer
+    from espnet2.text.token_id_converter import TokenIDConverter
+
+    exp_dir = Path(exp_dir)
+    config, weights = exp_dir / "config.yaml", exp_dir / model_file
+    for path in (config, weights):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found (an ESPnet asr_train dir?)")
+    conf = yaml.safe_load(config.read_text())
+    bases = [Path.cwd(), *exp_dir.resolve().parents]
+
+    def resolve(key: str, rel: str) -> str:
+        found = [b / rel for b in bases if (b / rel).exists()]
+        if not found:
+            raise FileNotFoundError(f"{key} {rel} of {config} not found under {bases}")
+        return str(found[0])
+
+    if isinstance(conf.get("token_list"), str):
+        conf["token_list"] = resolve("token_list", conf["token_list"])
+    stats = (conf.get("normalize_conf") or {}).get("stats_file")
+    if stats:
+        conf["normalize_conf"]["stats_file"] = resolve("stats_file", stats)
+    if conf.get("token_type", "char") != "char":
+        raise ValueError(f"{config}: the bench decodes char models only")
+    with tempfile.TemporaryDirectory() as tmp:
+        resolved = Path(tmp) / "config.yaml"
+        resolved.write_text(yaml.safe_dump(conf))
+        model, args = ASRTask.build_model_from_file(resolved, weights, "cpu")
+    return types.SimpleNamespace(
+        asr_model=model.eval(),
+        converter=TokenIDConverter(args.token_list),
+        tokenizer=CharTokenizer(non_linguistic_symbols=None),
+    )
+
+
+def experts_per_call(s2t, wavs, stream) -> Dict[str, float]:
+    """Mean distinct experts used per encoder MoE call, full context and streaming.
+
+    Counted with forward hooks on one untimed pass over ``wavs`` per mode.
+
+    Returns:
+        {"full": mean, "stream": mean, "experts": experts per layer}.
+    """
+    from espnet_ext.layers.moe import MoEFeedForward
+
+    layers = [
+        m for m in s2t.asr_model.encoder.modules() if isinstance(m, MoEFeedForward)
+    ]
+    counts: List[int] = []
+
+    def hook(module, args, output):
+        tokens = args[0].reshape(-1, args[0].size(-1))
+        counts.append(module.route(tokens)[2].unique().numel())
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    out = {"experts": float(layers[0].num_experts)}
+    try:
+        for mode in ("full", "stream"):
+            counts.clear()
+            for wav in wavs:
+                if mode == "full":
+                    decode_full(s2t, wav, 1, 0.3)
+                else:
+                    decode_stream(stream, wav, lambda: 0.0)
+            out[mode] = statistics.mean(counts) if counts else float("nan")
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
 def decode_full(s2t, wav, beam: int, ctc_weight: float) -> float:
     """Full-context decode; returns the compute seconds of the clock in use."""
     from espnet_ext.decoding.search import attention_rescoring, ctc_prefix_beam_search
@@ -111,7 +202,17 @@ def decode_stream(stream, wav, clock):
     return first
 
 
-def run(corpus: Path, n_utts: int, repeats: int, chunk: int, left: int, clock_name):
+def run(
+    corpus: Path,
+    n_utts: int,
+    repeats: int,
+    chunk: int,
+    left: int,
+    clock_name,
+    trained: Optional[Dict[str, Path]] = None,
+    model_file: str = "valid.acc.ave.pth",
+):
+    """Time both modes of both models; ``trained``: {"dense": dir, "moe": dir}."""
     import tempfile
 
     import soundfile as sf
@@ -121,11 +222,14 @@ def run(corpus: Path, n_utts: int, repeats: int, chunk: int, left: int, clock_na
     wavs = [sf.read(corpus / ln.split()[1], dtype="float32")[0] for ln in lines]
     seconds = sum(len(w) for w in wavs) / 16000
     models = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, cfg in CONFIGS.items():
-            sub = Path(tmp) / name
-            sub.mkdir()
-            models[name] = build(REPO / cfg, sub)
+    if trained:
+        models = {name: load_trained(trained[name], model_file) for name in CONFIGS}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, cfg in CONFIGS.items():
+                sub = Path(tmp) / name
+                sub.mkdir()
+                models[name] = build(REPO / cfg, sub)
     beam, ctc_weight = 10, 0.3
     from espnet_ext.decoding.streaming import StreamingASR
 
@@ -162,6 +266,7 @@ def run(corpus: Path, n_utts: int, repeats: int, chunk: int, left: int, clock_na
             if r > 0:
                 times[(m, mode)].append(total)
     ffn = ffn_per_call(models, wavs, chunk, repeats, clock)
+    used = experts_per_call(models["moe"], wavs, streams["moe"])
     rows = []
     for m, mode in cands:
         rtf = statistics.median(times[(m, mode)]) / seconds
@@ -172,7 +277,7 @@ def run(corpus: Path, n_utts: int, repeats: int, chunk: int, left: int, clock_na
         m: sum(p.numel() for p in s.asr_model.parameters()) / 1e6
         for m, s in models.items()
     }
-    return rows, params, seconds, ffn
+    return rows, params, seconds, ffn, used
 
 
 def ffn_per_call(models, wavs, chunk: int, repeats: int, clock) -> List[tuple]:
@@ -209,14 +314,32 @@ def ffn_per_call(models, wavs, chunk: int, repeats: int, clock) -> List[tuple]:
     return out
 
 
-def render(rows, params, seconds, ffn, n_utts, repeats, chunk, left, clock_name) -> str:
+def render(
+    rows,
+    params,
+    seconds,
+    ffn,
+    n_utts,
+    repeats,
+    chunk,
+    left,
+    clock_name,
+    used: Optional[Dict[str, float]] = None,
+    trained: Optional[Dict[str, Path]] = None,
+) -> str:
+    if trained:
+        what = f"trained models (dense `{trained['dense']}`, MoE `{trained['moe']}`)"
+    else:
+        what = (
+            "untrained recipe models (`train_asr_u2_conformer.yaml`, "
+            "`train_asr_u2_moe_conformer.yaml`: worst-case routing and search)"
+        )
     lines = [
         f"# U2++ streaming benchmark (cpu, 1 thread, {clock_name} clock, torch "
         f"{torch.__version__})",
         "",
         f"{n_utts} real speechocean762 dev utterances ({seconds:.1f} s), median of "
-        f"{repeats} interleaved rounds; untrained recipe models "
-        f"(`train_asr_u2_conformer.yaml`, `train_asr_u2_moe_conformer.yaml`); "
+        f"{repeats} interleaved rounds; {what}; "
         f"streaming: chunk {chunk} encoder frames, {left} left chunks, audio fed in "
         "160 ms pieces; both modes: CTC prefix beam 10, attention rescoring.",
         "",
@@ -238,6 +361,11 @@ def render(rows, params, seconds, ffn, n_utts, repeats, chunk, left, clock_name)
         )
     moe_over_dense = by[("moe", "stream")] / by[("dense", "stream")]
     lines.append(f"- streaming MoE / dense RTF = {moe_over_dense:.2f}")
+    if used:
+        lines.append(
+            f"- MoE encoder layers: {used['full']:.1f} experts per call full-context, "
+            f"{used['stream']:.1f} streaming (of {used['experts']:.0f})"
+        )
     lines += [
         "",
         "Why chunking costs the MoE model more: one call of the first encoder "
@@ -280,15 +408,38 @@ def main(argv=None) -> None:
         type=Path,
         default=shared_corpus(),
     )
+    p.add_argument(
+        "--dense_exp",
+        type=Path,
+        default=None,
+        help="trained dense U2++ experiment (asr_train dir); with --moe_exp",
+    )
+    p.add_argument(
+        "--moe_exp",
+        type=Path,
+        default=None,
+        help="trained U2++ MoE experiment (asr_train dir); with --dense_exp",
+    )
+    p.add_argument("--model_file", default="valid.acc.ave.pth")
     p.add_argument("--out", type=Path, default=Path("bench_results/streaming.md"))
     args = p.parse_args(argv)
+    if (args.dense_exp is None) != (args.moe_exp is None):
+        sys.exit("--dense_exp and --moe_exp go together (or neither: untrained)")
+    trained = {"dense": args.dense_exp, "moe": args.moe_exp} if args.dense_exp else None
     if not (args.corpus / "dev" / "wav.scp").exists():
         sys.exit(f"real speech not found at {args.corpus}; pass --corpus")
     if args.chunk <= 0:
         sys.exit(f"--chunk must be > 0, got {args.chunk}")
     torch.set_num_threads(1)
-    rows, params, seconds, ffn = run(
-        args.corpus, args.utterances, args.repeats, args.chunk, args.left, args.clock
+    rows, params, seconds, ffn, used = run(
+        args.corpus,
+        args.utterances,
+        args.repeats,
+        args.chunk,
+        args.left,
+        args.clock,
+        trained,
+        args.model_file,
     )
     report = render(
         rows,
@@ -300,6 +451,8 @@ def main(argv=None) -> None:
         args.chunk,
         args.left,
         args.clock,
+        used,
+        trained,
     )
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)

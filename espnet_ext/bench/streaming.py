@@ -50,11 +50,22 @@ TOKENS = (
 )
 
 
+def _speech2text(model: torch.nn.Module, token_list: List[str]):
+    """What the decoders here use of a ``Speech2Text``: model (in eval mode),
+    token converter and character tokenizer."""
+    from espnet2.text.char_tokenizer import CharTokenizer
+    from espnet2.text.token_id_converter import TokenIDConverter
+
+    return types.SimpleNamespace(
+        asr_model=model.eval(),
+        converter=TokenIDConverter(token_list),
+        tokenizer=CharTokenizer(non_linguistic_symbols=None),
+    )
+
+
 def build(config: Path, tmp: Path):
     """A Speech2Text-like object (model, converter, tokenizer) from a training YAML."""
     from espnet2.tasks.asr import ASRTask
-    from espnet2.text.char_tokenizer import CharTokenizer
-    from espnet2.text.token_id_converter import TokenIDConverter
 
     tokens = tmp / "tokens.txt"
     tokens.write_text("\n".join(TOKENS) + "\n")
@@ -73,12 +84,7 @@ def build(config: Path, tmp: Path):
         ]
     )
     torch.manual_seed(0)
-    model = ASRTask.build_model(args).eval()
-    return types.SimpleNamespace(
-        asr_model=model,
-        converter=TokenIDConverter(TOKENS),
-        tokenizer=CharTokenizer(non_linguistic_symbols=None),
-    )
+    return _speech2text(ASRTask.build_model(args), TOKENS)
 
 
 def load_trained(exp_dir: Path, model_file: str):
@@ -93,8 +99,6 @@ def load_trained(exp_dir: Path, model_file: str):
 
     import yaml
     from espnet2.tasks.asr import ASRTask
-    from espnet2.text.char_tokenizer import CharTokenizer
-    from espnet2.text.token_id_converter import TokenIDConverter
 
     exp_dir = Path(exp_dir)
     config, weights = exp_dir / "config.yaml", exp_dir / model_file
@@ -121,11 +125,7 @@ def load_trained(exp_dir: Path, model_file: str):
         resolved = Path(tmp) / "config.yaml"
         resolved.write_text(yaml.safe_dump(conf))
         model, args = ASRTask.build_model_from_file(resolved, weights, "cpu")
-    return types.SimpleNamespace(
-        asr_model=model.eval(),
-        converter=TokenIDConverter(args.token_list),
-        tokenizer=CharTokenizer(non_linguistic_symbols=None),
-    )
+    return _speech2text(model, args.token_list)
 
 
 def experts_per_call(s2t, wavs, stream) -> Dict[str, float]:
@@ -221,10 +221,10 @@ def run(
     lines = (corpus / "dev" / "wav.scp").read_text().splitlines()[:n_utts]
     wavs = [sf.read(corpus / ln.split()[1], dtype="float32")[0] for ln in lines]
     seconds = sum(len(w) for w in wavs) / 16000
-    models = {}
     if trained:
         models = {name: load_trained(trained[name], model_file) for name in CONFIGS}
     else:
+        models = {}
         with tempfile.TemporaryDirectory() as tmp:
             for name, cfg in CONFIGS.items():
                 sub = Path(tmp) / name

@@ -4,7 +4,8 @@ makes for ``--feats_type raw --token_type char`` (or ``bpe``), one job per stage
 
 Stages (asr.sh numbering in brackets):
   data    [1-4]  copy Kaldi dirs (wav.scp, text, utt2spk), audio paths made absolute
-  tokens  [5]    token list (``espnet2.bin.tokenize_text`` / sentencepiece)
+  tokens  [5]    token list (``espnet2.bin.tokenize_text``); for ``bpe`` first a
+                 sentencepiece model of the training text, as asr.sh's ``spm_train``
   stats   [10]   ``asr_train --collect_stats true`` + ``aggregate_stats_dirs``
   train   [11]   ``asr_train``
   decode  [12]   ``asr_inference`` on every test set
@@ -39,17 +40,29 @@ def _log(msg: str) -> None:
     print(f"[asr_pipeline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _run(cmd: List[str], log_file: Path) -> None:
-    """Run one ESPnet entry point; its output goes to ``log_file`` (as asr.sh does)."""
+# asr.sh's ``utils/spm_train``: sentencepiece's trainer with the command line's
+# ``--key=value`` flags, run as its own job so that its log goes to a file.
+_SPM_TRAIN = (
+    "import sys, sentencepiece as spm; "
+    "spm.SentencePieceTrainer.train(' '.join(sys.argv[1:]))"
+)
+
+
+def _run(cmd: List[str], log_file: Path, name: Optional[str] = None) -> None:
+    """Run one ESPnet entry point; its output goes to ``log_file`` (as asr.sh does).
+
+    ``name`` names the job in messages (default: the module after ``-m``).
+    """
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    _log(f"$ {' '.join(cmd[:4])} ... (log: {log_file})")
+    _log(f"$ {name or ' '.join(cmd[:4])} ... (log: {log_file})")
+    name = name or cmd[2]
     start = time.time()
     with open(log_file, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = log_file.read_text(errors="replace").splitlines()[-30:]
         raise RuntimeError(
-            f"{cmd[2]} failed with exit code {proc.returncode}; last lines of "
+            f"{name} failed with exit code {proc.returncode}; last lines of "
             f"{log_file}:\n" + "\n".join(tail)
         )
     _log(f"  done in {time.time() - start:.1f} s")
@@ -125,7 +138,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
     p.add_argument("--asr_config", type=Path, required=True)
     p.add_argument("--inference_config", type=Path, default=None)
     p.add_argument("--exp_dir", type=Path, required=True)
-    p.add_argument("--token_type", choices=("char",), default="char")
+    p.add_argument("--token_type", choices=("char", "bpe"), default="char")
+    p.add_argument(
+        "--nbpe", type=int, default=30, help="asr.sh's --nbpe: sentencepiece vocabulary"
+    )
+    p.add_argument(
+        "--bpemode",
+        choices=("unigram", "bpe"),
+        default="unigram",
+        help="asr.sh's --bpemode: sentencepiece model type",
+    )
+    p.add_argument("--bpe_char_cover", type=float, default=1.0)
+    p.add_argument("--bpe_input_sentence_size", type=int, default=100000000)
     p.add_argument(
         "--max_train_utts", type=int, default=None, help="keep the first N (smoke runs)"
     )
@@ -167,6 +191,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
         help="torch threads while timing decoding (asr.sh decodes with 1 per job)",
     )
     args = p.parse_args(argv)
+    if args.token_type == "bpe" and args.nbpe < 1:
+        p.error(f"--nbpe must be >= 1, got {args.nbpe}")
 
     exp = args.exp_dir
     data = exp / "data"
@@ -181,15 +207,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
         p.error(f"data dirs must have distinct names, got {names}")
     train_set, valid_set = data / args.train_dir.name, data / args.valid_dir.name
     tests = {d.name: d for d in args.test_dirs}
-    token_list = exp / "token_list" / args.token_type / "tokens.txt"
-    stats_dir = exp / f"asr_stats_raw_{args.token_type}"
+    # asr.sh's layout: data/token_list/char/ or data/token_list/bpe_unigram30/
+    if args.token_type == "bpe":
+        token_dir = exp / "token_list" / f"bpe_{args.bpemode}{args.nbpe}"
+        bpemodel = token_dir / "bpe.model"
+        stats_dir = exp / f"asr_stats_raw_bpe{args.nbpe}"
+    else:
+        token_dir = exp / "token_list" / args.token_type
+        bpemodel = None
+        stats_dir = exp / f"asr_stats_raw_{args.token_type}"
+    token_list = token_dir / "tokens.txt"
     asr_dir = exp / "asr_train"
     py = [args.python, "-m"]
     common = [
         "--use_preprocessor",
         "true",
         "--bpemodel",
-        "none",
+        str(bpemodel) if bpemodel else "none",
         "--token_type",
         args.token_type,
         "--token_list",
@@ -211,17 +245,36 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
         _log(f"data: {n} train, {m} valid utterances, tests: {sorted(tests)}")
 
     if "tokens" in args.stages:
-        texts = exp / "token_list" / "train_text"
+        texts = token_dir / "train.txt"
         texts.parent.mkdir(parents=True, exist_ok=True)
         texts.write_text(
             "".join(v + "\n" for v in read_kaldi(train_set / "text").values())
         )
+        bpe_args = []
+        if bpemodel is not None:
+            _run(
+                [
+                    args.python,
+                    "-c",
+                    _SPM_TRAIN,
+                    f"--input={texts}",
+                    f"--vocab_size={args.nbpe}",
+                    f"--model_type={args.bpemode}",
+                    f"--model_prefix={bpemodel.with_suffix('')}",
+                    f"--character_coverage={args.bpe_char_cover}",
+                    f"--input_sentence_size={args.bpe_input_sentence_size}",
+                ],
+                exp / "logs" / "spm_train.log",
+                name="sentencepiece (spm_train)",
+            )
+            bpe_args = ["--bpemodel", str(bpemodel)]
         _run(
             py
             + [
                 "espnet2.bin.tokenize_text",
                 "--token_type",
                 args.token_type,
+                *bpe_args,
                 "--input",
                 str(texts),
                 "--output",
@@ -433,6 +486,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
             report["inference_config"] = str(args.inference_config)
         if args.decode_tag:
             report["decode_tag"] = args.decode_tag
+        if bpemodel is not None:
+            report["token_type"] = f"bpe_{args.bpemode}"
+            report["nbpe"] = args.nbpe
         if args.train_args.strip():
             report["train_args"] = args.train_args.strip()
         if exp.name != Path(args.asr_config).stem:
@@ -464,6 +520,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
                 str(model_file),
                 "--option",
                 f"{stats_dir}/train/feats_stats.npz",
+                # asr.sh packs the sentencepiece model too: decoding needs it
+                *(["--option", str(bpemodel)] if bpemodel else []),
                 "--outpath",
                 str(exp / "asr_model.zip"),
             ],

@@ -8,8 +8,8 @@ import pytest
 from espnet_ext.bin import asr_pipeline
 
 
-def _recorded_train_args(tmp_path: Path, *extra: str) -> list:
-    """Run the ``train`` stage with a fake interpreter that records its arguments."""
+def _recorded_train_args(tmp_path: Path, *extra: str, stage: str = "train") -> list:
+    """Run one stage (``train``) with a fake interpreter that records its arguments."""
     record = tmp_path / "argv"
     fake = tmp_path / "fake_python"
     fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
@@ -20,7 +20,7 @@ def _recorded_train_args(tmp_path: Path, *extra: str) -> list:
             "--valid_dir", str(tmp_path / "dev"),
             "--asr_config", "conf.yaml",
             "--exp_dir", str(tmp_path / "exp"),
-            "--stages", "train",
+            "--stages", stage,
             "--python", str(fake),
             *extra,
         ]
@@ -48,3 +48,90 @@ def test_utterance_mvn_needs_no_statistics_file(tmp_path):
 def test_unknown_normalisation_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         _recorded_train_args(tmp_path, "--feats_normalize", "global")
+
+
+def test_char_tokens_need_no_sentencepiece_model(tmp_path):
+    argv = _recorded_train_args(tmp_path)
+    assert _option(argv, "--token_type") == ["char"]
+    assert _option(argv, "--bpemodel") == ["none"]
+
+
+def test_bpe_trains_with_the_sentencepiece_model_and_its_token_list(tmp_path):
+    argv = _recorded_train_args(tmp_path, "--token_type", "bpe", "--nbpe", "40")
+    token_dir = tmp_path / "exp" / "token_list" / "bpe_unigram40"
+    assert _option(argv, "--token_type") == ["bpe"]
+    assert _option(argv, "--bpemodel") == [str(token_dir / "bpe.model")]
+    assert _option(argv, "--token_list") == [str(token_dir / "tokens.txt")]
+    shapes = _option(argv, "--train_shape_file") + _option(argv, "--valid_shape_file")
+    assert [Path(s).name for s in shapes] == ["speech_shape", "text_shape.bpe"] * 2
+    assert all("asr_stats_raw_bpe40" in s for s in shapes)
+
+
+def test_the_packed_bpe_model_includes_its_sentencepiece_model(tmp_path):
+    argv = _recorded_train_args(
+        tmp_path, "--token_type", "bpe", "--nbpe", "40", stage="pack"
+    )
+    bpemodel = tmp_path / "exp" / "token_list" / "bpe_unigram40" / "bpe.model"
+    assert str(bpemodel) in _option(argv, "--option")
+
+
+def test_a_bpe_vocabulary_below_one_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        _recorded_train_args(tmp_path, "--token_type", "bpe", "--nbpe", "0")
+
+
+def test_bpe_tokens_stage_writes_asr_sh_s_model_and_token_list(tmp_path):
+    """The real stage: sentencepiece on the training text, then ESPnet's
+    tokenize_text with that model (asr.sh's stage 5 for --token_type bpe)."""
+    import random
+
+    import sentencepiece as spm
+
+    words = "the cat sat on a mat while seven green birds sang over quiet hills"
+    rng = random.Random(0)
+    train = tmp_path / "exp" / "data" / "train"
+    train.mkdir(parents=True)
+    (train / "text").write_text(
+        "".join(
+            f"utt{i:03d} {' '.join(rng.choices(words.upper().split(), k=6))}\n"
+            for i in range(200)
+        )
+    )
+    asr_pipeline.main(
+        [
+            "--train_dir", str(tmp_path / "train"),
+            "--valid_dir", str(tmp_path / "dev"),
+            "--asr_config", "conf.yaml",
+            "--exp_dir", str(tmp_path / "exp"),
+            "--stages", "tokens",
+            "--token_type", "bpe",
+            "--nbpe", "30",
+        ]
+    )  # fmt: skip
+    token_dir = tmp_path / "exp" / "token_list" / "bpe_unigram30"
+    model = spm.SentencePieceProcessor(model_file=str(token_dir / "bpe.model"))
+    assert model.get_piece_size() == 30
+    tokens = (token_dir / "tokens.txt").read_text().splitlines()
+    assert tokens[:2] == ["<blank>", "<unk>"] and tokens[-1] == "<sos/eos>"
+    # tokenize_text's vocabulary: the pieces the model cuts the training text into
+    pieces = {p for line in (token_dir / "train.txt").read_text().splitlines()
+              for p in model.encode(line, out_type=str)}  # fmt: skip
+    assert set(tokens[2:-1]) == pieces
+
+
+def test_a_sentencepiece_failure_names_its_log(tmp_path):
+    train = tmp_path / "exp" / "data" / "train"
+    train.mkdir(parents=True)
+    (train / "text").write_text("utt1 A CAT\nutt2 A MAT\n")
+    with pytest.raises(RuntimeError, match="(?s)spm_train.*Vocabulary size too high"):
+        asr_pipeline.main(
+            [
+                "--train_dir", str(tmp_path / "train"),
+                "--valid_dir", str(tmp_path / "dev"),
+                "--asr_config", "conf.yaml",
+                "--exp_dir", str(tmp_path / "exp"),
+                "--stages", "tokens",
+                "--token_type", "bpe",
+                "--nbpe", "500",
+            ]
+        )  # fmt: skip

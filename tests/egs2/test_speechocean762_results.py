@@ -124,3 +124,19 @@ def test_saml_rows_are_gathered_from_the_adaptation_summaries(tmp_path):
     assert [r["row"] for r in rows] == ["row1_fp32_base", "row3_nf4_lora"]
     assert rows[0]["adapt_seconds_mean"] == 0.0 and rows[1]["adapt_seconds_mean"] == 4.0
     assert rows[1]["wer"] == 50.0 and rows[1]["speakers"] == 2
+
+
+def test_a_bpe_run_is_a_row_of_its_config_with_its_token_options(results_mod, tmp_path):
+    bpe = {
+        "asr_config": "conf/tuning/train_asr_x.yaml",
+        "expdir": "exp_cpu/train_asr_x_bpe150",
+        "token_type": "bpe_unigram",
+        "nbpe": 150,
+    }
+    (tmp_path / "train_asr_x_bpe150.json").write_text(json.dumps(bpe))
+    loaded = results_mod.load(tmp_path, [tmp_path / "train_asr_x.yaml"])
+    assert list(loaded) == ["train_asr_x", "train_asr_x_bpe150"]
+    assert results_mod._command("train_asr_x_bpe150", bpe) == (
+        "`./run_cpu.sh --asr_config conf/tuning/train_asr_x.yaml "
+        "--token_type bpe --nbpe 150`"
+    )

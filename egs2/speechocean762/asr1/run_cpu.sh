@@ -16,18 +16,22 @@ inference_config=
 # Per-utterance mean/variance normalisation: the speakers (adults and children) were
 # recorded at very different levels; see README.md, "Getting the dense baseline to learn".
 feats_normalize=utterance_mvn
+token_type=char  # char or bpe (sentencepiece, --nbpe units), as asr.sh's --token_type
+nbpe=30
 fast=false
 expdir=
 datadir=data
 stages=
 decode_tag=  # decode the trained model again into its own RESULTS row, e.g. chunk16
 extra_train_args=  # appended to asr_train's arguments, e.g. "--max_epoch 3"
-usage="Usage: $0 [--asr_config yaml] [--inference_config yaml] [--feats_normalize global_mvn|utterance_mvn] [--fast true|false] [--expdir dir] [--datadir dir] [--stages 'data tokens ...'] [--train_args 'asr_train args'] [--decode_tag tag]"
+usage="Usage: $0 [--asr_config yaml] [--inference_config yaml] [--feats_normalize global_mvn|utterance_mvn] [--token_type char|bpe] [--nbpe N] [--fast true|false] [--expdir dir] [--datadir dir] [--stages 'data tokens ...'] [--train_args 'asr_train args'] [--decode_tag tag]"
 while [ $# -gt 0 ]; do
     case "$1" in
         --asr_config) asr_config=$2; shift 2 ;;
         --inference_config) inference_config=$2; shift 2 ;;
         --feats_normalize) feats_normalize=$2; shift 2 ;;
+        --token_type) token_type=$2; shift 2 ;;
+        --nbpe) nbpe=$2; shift 2 ;;
         --fast) fast=$2; shift 2 ;;
         --expdir) expdir=$2; shift 2 ;;
         --datadir) datadir=$2; shift 2 ;;
@@ -56,7 +60,9 @@ if [ "${fast}" = true ]; then
     inference_config=${inference_config:-conf/decode_asr_fast.yaml}
 fi
 inference_config=${inference_config:-conf/decode_asr.yaml}
-expdir=${expdir:-exp_cpu/$(basename "${asr_config}" .yaml)${suffix}}
+token_tag=
+[ "${token_type}" = bpe ] && token_tag=_bpe${nbpe}
+expdir=${expdir:-exp_cpu/$(basename "${asr_config}" .yaml)${token_tag}${suffix}}
 
 local/data.sh --fast "${fast}" --data_dir "${datadir}"
 
@@ -67,5 +73,6 @@ python3 -m espnet_ext.bin.asr_pipeline \
     --test_dirs "${datadir}/test${suffix}" \
     --asr_config "${asr_config}" --inference_config "${inference_config}" \
     --exp_dir "${expdir}" --train_args "${train_args} ${extra_train_args}" --rtf_utts "${rtf_utts}" \
-    --feats_normalize "${feats_normalize}" --decode_tag "${decode_tag}" \
+    --feats_normalize "${feats_normalize}" --token_type "${token_type}" --nbpe "${nbpe}" \
+    --decode_tag "${decode_tag}" \
     "${stage_args[@]}"

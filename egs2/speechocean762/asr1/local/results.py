@@ -127,7 +127,11 @@ def _command(name: str, r: Optional[dict]) -> str:
     r = r or {}
     config = r.get("asr_config", f"conf/tuning/{name}.yaml")
     cmd = f"./run_cpu.sh --asr_config {config}"
-    if r.get("expdir"):
+    default_expdir = None
+    if r.get("nbpe"):
+        cmd += f" --token_type bpe --nbpe {r['nbpe']}"
+        default_expdir = f"exp_cpu/{Path(config).stem}_bpe{r['nbpe']}"  # run_cpu.sh's
+    if r.get("expdir") and r["expdir"] != default_expdir:
         cmd += f" --expdir {r['expdir']}"
     if r.get("train_args"):
         cmd += f" --train_args '{r['train_args']}'"

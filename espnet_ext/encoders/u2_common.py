@@ -21,7 +21,7 @@ plain ESPnet class: same outputs, same state dict.
 """
 
 import math
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -463,18 +463,96 @@ def _pos_encode_chunk(pos_enc, x: torch.Tensor, offset: int, cache_len: int):
     return x * pos_enc.xscale + pos_enc.pe[:, offset : offset + t], None
 
 
+def _memo(owner: torch.nn.Module, tag, tensors: Sequence[torch.Tensor], build):
+    """``build()``, kept on ``owner`` until one of ``tensors`` changes.
+
+    A chunk is a few frames, so per-chunk work that depends only on the weights
+    (fusing, folding, projecting the positional table) costs as much as the chunk's
+    own arithmetic. The key holds each tensor's address and version counter: an
+    in-place update (``load_state_dict``, an optimiser step) or a ``.to()`` rebuilds.
+    """
+    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    memo = owner.__dict__.setdefault("_u2_memo", {})
+    hit = memo.get(tag)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    if len(memo) >= 64:  # bounded: a few position windows per decoding setup
+        memo.clear()
+    value = build()
+    memo[tag] = (key, value)
+    return value
+
+
+def _plain_linear(lin) -> bool:
+    return type(lin) is torch.nn.Linear and lin.bias is not None
+
+
+def _plain_attention(attn) -> bool:
+    """ESPnet's attention with plain q/k/v/out projections and no q/k norms."""
+    from espnet.nets.pytorch_backend.transformer.attention import (
+        MultiHeadedAttention,
+    )
+
+    return (
+        type(attn).forward_attention is MultiHeadedAttention.forward_attention
+        and type(attn).forward_qkv is MultiHeadedAttention.forward_qkv
+        and all(
+            _plain_linear(getattr(attn, n))
+            for n in ("linear_q", "linear_k", "linear_v", "linear_out")
+        )
+        and type(getattr(attn, "q_norm", torch.nn.Identity())) is torch.nn.Identity
+        and type(getattr(attn, "k_norm", torch.nn.Identity())) is torch.nn.Identity
+    )
+
+
+def _qkv(attn, x):
+    """(q, k, v), each (B, H, t, d_k): one GEMM with the fused q/k/v weights for
+    ESPnet's plain attention (checked by the caller), else its ``forward_qkv``."""
+    lins = (attn.linear_q, attn.linear_k, attn.linear_v)
+    params = [t for lin in lins for t in (lin.weight, lin.bias)]
+    weight, bias = _memo(
+        attn,
+        "qkv",
+        params,
+        lambda: (torch.cat(params[0::2]), torch.cat(params[1::2])),
+    )  # (3 D, D), (3 D,)
+    b, t = x.shape[:2]
+    qkv = torch.nn.functional.linear(x, weight, bias).view(b, t, 3, attn.h, attn.d_k)
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
 def _attention_chunk(attn, x, pos_emb, cache: Optional[LayerCache]):
     """Self-attention of a chunk's frames over cached + own keys.
 
     x: (B, t, D); returns (B, t, D) and the extended k, v (B, H, T_cache + t, d_k).
+    ESPnet's plain attention runs inlined (fused q/k/v, no eval-mode dropout call,
+    the attention weights not kept on the module); any other goes through its own
+    ``forward_qkv`` / ``forward_attention``.
     """
-    q, k, v = attn.forward_qkv(x, x, x)  # (B, H, t, d_k)
+    plain = _plain_attention(attn)
+    if plain:
+        q, k, v = _qkv(attn, x)  # (B, H, t, d_k)
+    else:
+        q, k, v = attn.forward_qkv(x, x, x)
     if cache is not None:
         k = torch.cat([cache.k, k], dim=2)
         v = torch.cat([cache.v, v], dim=2)
     if pos_emb is None:
-        scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(attn.d_k)
+        scores = torch.matmul(q, k.transpose(-2, -1))
+    else:
+        scores = _rel_scores(attn, q, k, pos_emb)
+    scores = scores.mul_(1.0 / math.sqrt(attn.d_k))
+    if not plain:
         return attn.forward_attention(v, scores, None), k, v
+    ctx = torch.matmul(torch.softmax(scores, dim=-1), v)  # (B, H, t, d_k)
+    ctx = ctx.transpose(1, 2).reshape(x.size(0), x.size(1), attn.h * attn.d_k)
+    out = attn.linear_out
+    return torch.nn.functional.linear(ctx, out.weight, out.bias), k, v
+
+
+def _rel_scores(attn, q, k, pos_emb):
+    """Unscaled relative-position scores (B, H, t, keys) of ESPnet's latest
+    ``RelPositionMultiHeadedAttention`` for queries at the window's end."""
     t, keys = q.size(2), k.size(2)
     p = _projected_positions(attn, pos_emb)  # (1, H, 2 keys - 1, d_k)
     q_u = q + attn.pos_bias_u.unsqueeze(1)  # (H, 1, d_k) broadcast over time
@@ -493,8 +571,7 @@ def _attention_chunk(attn, x, pos_emb, cache: Optional[LayerCache]):
         (h * t * width, t * width, width - 1, 1),
         matrix_bd.storage_offset() + t - 1,
     )
-    scores = (matrix_ac + matrix_bd) / math.sqrt(attn.d_k)
-    return attn.forward_attention(v, scores, None), k, v
+    return matrix_ac.add_(matrix_bd)
 
 
 def _projected_positions(attn, pos_emb: torch.Tensor) -> torch.Tensor:
@@ -509,15 +586,8 @@ def _projected_positions(attn, pos_emb: torch.Tensor) -> torch.Tensor:
     if type(lin) is not torch.nn.Linear:
         p = lin(pos_emb)
     else:
-        key = (pos_emb.data_ptr(), pos_emb.shape, pos_emb.dtype) + tuple(
-            (t.data_ptr(), t._version) for t in lin.parameters()
-        )
-        memo = attn.__dict__.setdefault("_u2_pos_memo", {})
-        p = memo.get(key)
-        if p is None:
-            if len(memo) >= 32:  # bounded: a few window sizes per decoding setup
-                memo.clear()
-            p = memo[key] = lin(pos_emb)
+        tag = ("pos", pos_emb.shape, pos_emb.dtype)
+        p = _memo(attn, tag, [pos_emb, *lin.parameters()], lambda: lin(pos_emb))
     return p.view(1, -1, attn.h, attn.d_k).transpose(1, 2)
 
 
@@ -568,33 +638,83 @@ def _plain_conv_module(conv_module) -> bool:
     )
 
 
-def _conv_chunk_timewise(conv_module, x, cache: Optional[torch.Tensor]):
-    """:func:`_conv_chunk` for the plain module types, in (B, t, C) layout."""
-    F = torch.nn.functional
+def _folded_conv_params(conv_module):
+    """The plain module's weights in (B, t, C) form, BatchNorm folded in.
+
+    Returns (pointwise 1 weight (2C, C), bias, depthwise weight (C, kernel) scaled
+    by BatchNorm, shift (C,) = the depthwise bias through BatchNorm, pointwise 2
+    weight (C, C), bias): eval-mode BatchNorm is one per-channel affine map, so
+    ``norm(dw(x)) = (windows * (w * scale)).sum + (b * scale + shift)``.
+    """
     pw1, dw, norm, pw2 = (
         conv_module.pointwise_conv1,
         conv_module.depthwise_conv,
         conv_module.norm,
         conv_module.pointwise_conv2,
     )
-    kernel = dw.kernel_size[0]
-    x = F.glu(F.linear(x, pw1.weight.squeeze(-1), pw1.bias), dim=-1)  # (B, t, C)
-    if cache is None:
-        cache = x.new_zeros(x.size(0), kernel - 1, x.size(2))
-    x = torch.cat([cache, x], dim=1)  # (B, kernel - 1 + t, C)
-    new_cache = x[:, x.size(1) - kernel + 1 :]
-    # (B, t, C, kernel) windows times the (C, kernel) depthwise weights
-    x = (x.unfold(1, kernel, 1) * dw.weight.squeeze(1)).sum(-1)
-    if dw.bias is not None:
-        x = x + dw.bias
-    # BatchNorm in eval mode: one per-channel affine map
     scale = torch.rsqrt(norm.running_var + norm.eps)
     shift = -norm.running_mean * scale
     if norm.affine:
         scale = scale * norm.weight
         shift = shift * norm.weight + norm.bias
-    x = conv_module.activation(torch.addcmul(shift, x, scale))
-    return F.linear(x, pw2.weight.squeeze(-1), pw2.bias), new_cache
+    if dw.bias is not None:
+        shift = shift + dw.bias * scale
+    return (
+        pw1.weight.squeeze(-1),
+        pw1.bias,
+        dw.weight.squeeze(1) * scale.unsqueeze(-1),
+        shift,
+        pw2.weight.squeeze(-1),
+        pw2.bias,
+    )
+
+
+def _conv_chunk_timewise(conv_module, x, cache: Optional[torch.Tensor]):
+    """:func:`_conv_chunk` for the plain module types, in (B, t, C) layout."""
+    F = torch.nn.functional
+    tensors = [
+        *conv_module.parameters(),
+        conv_module.norm.running_mean,
+        conv_module.norm.running_var,
+    ]
+    w1, b1, wd, shift, w2, b2 = _memo(
+        conv_module, "folded", tensors, lambda: _folded_conv_params(conv_module)
+    )
+    kernel = wd.size(1)
+    x = F.glu(F.linear(x, w1, b1), dim=-1)  # (B, t, C)
+    if cache is None:
+        cache = x.new_zeros(x.size(0), kernel - 1, x.size(2))
+    x = torch.cat([cache, x], dim=1)  # (B, kernel - 1 + t, C)
+    new_cache = x[:, x.size(1) - kernel + 1 :]
+    # (B, t, C, kernel) windows times the (C, kernel) depthwise weights
+    x = (x.unfold(1, kernel, 1) * wd).sum(-1).add_(shift)
+    return F.linear(_activation(conv_module.activation)(x), w2, b2), new_cache
+
+
+def _activation(module):
+    """``F.silu`` for ESPnet's ``Swish`` (x * sigmoid(x), two ops); else the module."""
+    from espnet.nets.pytorch_backend.conformer.swish import Swish
+
+    return torch.nn.functional.silu if type(module) is Swish else module
+
+
+def _ffn_chunk(ffn, x):
+    """A feed-forward module on a chunk: ESPnet's plain ``PositionwiseFeedForward``
+    as two functional GEMMs (no eval-mode dropout call), any other (MoE, wrapped)
+    through its own forward."""
+    from espnet.nets.pytorch_backend.transformer.positionwise_feed_forward import (
+        PositionwiseFeedForward,
+    )
+
+    if (
+        type(ffn) is not PositionwiseFeedForward
+        or not _plain_linear(ffn.w_1)
+        or not _plain_linear(ffn.w_2)
+    ):
+        return ffn(x)
+    F = torch.nn.functional
+    h = _activation(ffn.activation)(F.linear(x, ffn.w_1.weight, ffn.w_1.bias))
+    return F.linear(h, ffn.w_2.weight, ffn.w_2.bias)
 
 
 def _layer_forward_chunk(layer, x, pos_emb, cache: Optional[LayerCache]):
@@ -605,10 +725,12 @@ def _layer_forward_chunk(layer, x, pos_emb, cache: Optional[LayerCache]):
     own flags (macaron, ``normalize_before``, ``concat_after``, conv module).
     """
     nb = layer.normalize_before
+    # eval mode: ESPnet's dropout is the identity, not worth a call per module
+    drop = layer.dropout if type(layer.dropout) is not torch.nn.Dropout else None
     if layer.feed_forward_macaron is not None:
-        residual = x
         h = layer.norm_ff_macaron(x) if nb else x
-        x = residual + layer.ff_scale * layer.dropout(layer.feed_forward_macaron(h))
+        y = _ffn_chunk(layer.feed_forward_macaron, h)
+        x = torch.add(x, drop(y) if drop else y, alpha=layer.ff_scale)
         if not nb:
             x = layer.norm_ff_macaron(x)
     residual = x
@@ -617,7 +739,7 @@ def _layer_forward_chunk(layer, x, pos_emb, cache: Optional[LayerCache]):
     if layer.concat_after:
         x = residual + layer.concat_linear(torch.cat((h, att), dim=-1))
     else:
-        x = residual + layer.dropout(att)
+        x = residual + (drop(att) if drop else att)
     if not nb:
         x = layer.norm_mha(x)
     conv_cache = None
@@ -627,12 +749,12 @@ def _layer_forward_chunk(layer, x, pos_emb, cache: Optional[LayerCache]):
         y, conv_cache = _conv_chunk(
             layer.conv_module, h, cache.conv if cache is not None else None
         )
-        x = residual + layer.dropout(y)
+        x = residual + (drop(y) if drop else y)
         if not nb:
             x = layer.norm_conv(x)
-    residual = x
     h = layer.norm_ff(x) if nb else x
-    x = residual + layer.ff_scale * layer.dropout(layer.feed_forward(h))
+    y = _ffn_chunk(layer.feed_forward, h)
+    x = torch.add(x, drop(y) if drop else y, alpha=layer.ff_scale)
     if not nb:
         x = layer.norm_ff(x)
     if layer.conv_module is not None:

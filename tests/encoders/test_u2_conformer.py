@@ -94,14 +94,35 @@ def test_moe_chunk_by_chunk_with_stacked_experts_equals_full_forward():
     _assert_chunk_by_chunk_equals_masked(enc, torch.randn(1, 131, 20))
 
 
-def test_memoised_position_projections_follow_weight_updates():
+@pytest.mark.parametrize(
+    "weight",
+    [
+        "self_attn.linear_pos.weight",
+        "self_attn.linear_k.weight",  # fused with q and v
+        "conv_module.norm.running_var",  # folded into the depthwise weights
+        "conv_module.depthwise_conv.bias",
+    ],
+)
+def test_memoised_chunk_weights_follow_weight_updates(weight):
     enc = _enc(U2ConformerEncoder, use_dynamic_chunk=True, causal=True).eval()
     xs = torch.randn(1, 131, 20)
-    enc.forward_chunk_by_chunk(xs, 4, 1)  # fills the memo
+    enc.forward_chunk_by_chunk(xs, 4, 1)  # fills the memos
     with torch.no_grad():
         for layer in enc.encoders:
-            layer.self_attn.linear_pos.weight.mul_(3.0)
+            tensor = dict(layer.named_parameters(), **dict(layer.named_buffers()))
+            tensor[weight].mul_(3.0)
     _assert_chunk_by_chunk_equals_masked(enc, xs)
+
+
+class _WrappedLinear(torch.nn.Linear):
+    """Not the plain type: the chunk attention must call the module's own methods."""
+
+
+def test_chunk_attention_of_a_wrapped_projection_equals_full_forward():
+    enc = _enc(U2ConformerEncoder, use_dynamic_chunk=True, causal=True).eval()
+    for layer in enc.encoders:
+        layer.self_attn.linear_q.__class__ = _WrappedLinear
+    _assert_chunk_by_chunk_equals_masked(enc, torch.randn(1, 131, 20))
 
 
 class _WrappedConv1d(torch.nn.Conv1d):

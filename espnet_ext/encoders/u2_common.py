@@ -506,8 +506,11 @@ def _plain_attention(attn) -> bool:
 
 
 def _qkv(attn, x):
-    """(q, k, v), each (B, H, t, d_k): one GEMM with the fused q/k/v weights for
-    ESPnet's plain attention (checked by the caller), else its ``forward_qkv``."""
+    """``forward_qkv(x, x, x)`` of ESPnet's plain attention (the caller checks
+    :func:`_plain_attention`) as one GEMM on the fused q/k/v weights.
+
+    x: (B, t, D); returns q, k, v, each (B, H, t, d_k).
+    """
     lins = (attn.linear_q, attn.linear_k, attn.linear_v)
     params = [t for lin in lins for t in (lin.weight, lin.bias)]
     weight, bias = _memo(

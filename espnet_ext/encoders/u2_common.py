@@ -720,6 +720,10 @@ def _ffn_chunk(ffn, x):
     return F.linear(h, ffn.w_2.weight, ffn.w_2.bias)
 
 
+def _identity(x):
+    return x
+
+
 def _layer_forward_chunk(layer, x, pos_emb, cache: Optional[LayerCache]):
     """ESPnet's conformer ``EncoderLayer`` step order, with caches (eval mode).
 
@@ -728,12 +732,12 @@ def _layer_forward_chunk(layer, x, pos_emb, cache: Optional[LayerCache]):
     own flags (macaron, ``normalize_before``, ``concat_after``, conv module).
     """
     nb = layer.normalize_before
-    # eval mode: ESPnet's dropout is the identity, not worth a call per module
-    drop = layer.dropout if type(layer.dropout) is not torch.nn.Dropout else None
+    # eval mode: ESPnet's dropout is the identity, not worth an aten call per module
+    drop = _identity if type(layer.dropout) is torch.nn.Dropout else layer.dropout
     if layer.feed_forward_macaron is not None:
         h = layer.norm_ff_macaron(x) if nb else x
         y = _ffn_chunk(layer.feed_forward_macaron, h)
-        x = torch.add(x, drop(y) if drop else y, alpha=layer.ff_scale)
+        x = torch.add(x, drop(y), alpha=layer.ff_scale)
         if not nb:
             x = layer.norm_ff_macaron(x)
     residual = x
@@ -742,7 +746,7 @@ def _layer_forward_chunk(layer, x, pos_emb, cache: Optional[LayerCache]):
     if layer.concat_after:
         x = residual + layer.concat_linear(torch.cat((h, att), dim=-1))
     else:
-        x = residual + (drop(att) if drop else att)
+        x = residual + drop(att)
     if not nb:
         x = layer.norm_mha(x)
     conv_cache = None
@@ -752,12 +756,12 @@ def _layer_forward_chunk(layer, x, pos_emb, cache: Optional[LayerCache]):
         y, conv_cache = _conv_chunk(
             layer.conv_module, h, cache.conv if cache is not None else None
         )
-        x = residual + (drop(y) if drop else y)
+        x = residual + drop(y)
         if not nb:
             x = layer.norm_conv(x)
     h = layer.norm_ff(x) if nb else x
     y = _ffn_chunk(layer.feed_forward, h)
-    x = torch.add(x, drop(y) if drop else y, alpha=layer.ff_scale)
+    x = torch.add(x, drop(y), alpha=layer.ff_scale)
     if not nb:
         x = layer.norm_ff(x)
     if layer.conv_module is not None:

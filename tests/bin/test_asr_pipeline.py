@@ -8,8 +8,8 @@ import pytest
 from espnet_ext.bin import asr_pipeline
 
 
-def _recorded_train_args(tmp_path: Path, *extra: str, stage: str = "train") -> list:
-    """Run one stage (``train``) with a fake interpreter that records its arguments."""
+def _recorded_args(tmp_path: Path, *extra: str, stage: str = "train") -> list:
+    """Run one stage with a fake interpreter that records its arguments."""
     record = tmp_path / "argv"
     fake = tmp_path / "fake_python"
     fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
@@ -28,36 +28,56 @@ def _recorded_train_args(tmp_path: Path, *extra: str, stage: str = "train") -> l
     return record.read_text().split("\n")
 
 
+def _run_bpe_tokens_stage(tmp_path: Path, text: str, nbpe: int) -> Path:
+    """Run the real ``tokens`` stage on ``text`` (a Kaldi text file's content);
+    returns the token directory."""
+    train = tmp_path / "exp" / "data" / "train"
+    train.mkdir(parents=True)
+    (train / "text").write_text(text)
+    asr_pipeline.main(
+        [
+            "--train_dir", str(tmp_path / "train"),
+            "--valid_dir", str(tmp_path / "dev"),
+            "--asr_config", "conf.yaml",
+            "--exp_dir", str(tmp_path / "exp"),
+            "--stages", "tokens",
+            "--token_type", "bpe",
+            "--nbpe", str(nbpe),
+        ]
+    )  # fmt: skip
+    return tmp_path / "exp" / "token_list" / f"bpe_unigram{nbpe}"
+
+
 def _option(argv: list, name: str) -> list:
     return [argv[i + 1] for i, a in enumerate(argv) if a == name]
 
 
 def test_global_mvn_trains_with_the_training_set_statistics(tmp_path):
-    argv = _recorded_train_args(tmp_path)
+    argv = _recorded_args(tmp_path)
     assert _option(argv, "--normalize") == ["global_mvn"]
     (conf,) = _option(argv, "--normalize_conf")
     assert conf.startswith("stats_file=") and conf.endswith("train/feats_stats.npz")
 
 
 def test_utterance_mvn_needs_no_statistics_file(tmp_path):
-    argv = _recorded_train_args(tmp_path, "--feats_normalize", "utterance_mvn")
+    argv = _recorded_args(tmp_path, "--feats_normalize", "utterance_mvn")
     assert _option(argv, "--normalize") == ["utterance_mvn"]
     assert _option(argv, "--normalize_conf") == []
 
 
 def test_unknown_normalisation_is_refused(tmp_path):
     with pytest.raises(SystemExit):
-        _recorded_train_args(tmp_path, "--feats_normalize", "global")
+        _recorded_args(tmp_path, "--feats_normalize", "global")
 
 
 def test_char_tokens_need_no_sentencepiece_model(tmp_path):
-    argv = _recorded_train_args(tmp_path)
+    argv = _recorded_args(tmp_path)
     assert _option(argv, "--token_type") == ["char"]
     assert _option(argv, "--bpemodel") == ["none"]
 
 
 def test_bpe_trains_with_the_sentencepiece_model_and_its_token_list(tmp_path):
-    argv = _recorded_train_args(tmp_path, "--token_type", "bpe", "--nbpe", "40")
+    argv = _recorded_args(tmp_path, "--token_type", "bpe", "--nbpe", "40")
     token_dir = tmp_path / "exp" / "token_list" / "bpe_unigram40"
     assert _option(argv, "--token_type") == ["bpe"]
     assert _option(argv, "--bpemodel") == [str(token_dir / "bpe.model")]
@@ -68,16 +88,14 @@ def test_bpe_trains_with_the_sentencepiece_model_and_its_token_list(tmp_path):
 
 
 def test_the_packed_bpe_model_includes_its_sentencepiece_model(tmp_path):
-    argv = _recorded_train_args(
-        tmp_path, "--token_type", "bpe", "--nbpe", "40", stage="pack"
-    )
+    argv = _recorded_args(tmp_path, "--token_type", "bpe", "--nbpe", "40", stage="pack")
     bpemodel = tmp_path / "exp" / "token_list" / "bpe_unigram40" / "bpe.model"
     assert str(bpemodel) in _option(argv, "--option")
 
 
 def test_a_bpe_vocabulary_below_one_is_refused(tmp_path):
     with pytest.raises(SystemExit):
-        _recorded_train_args(tmp_path, "--token_type", "bpe", "--nbpe", "0")
+        _recorded_args(tmp_path, "--token_type", "bpe", "--nbpe", "0")
 
 
 def test_bpe_tokens_stage_writes_asr_sh_s_model_and_token_list(tmp_path):
@@ -89,26 +107,11 @@ def test_bpe_tokens_stage_writes_asr_sh_s_model_and_token_list(tmp_path):
 
     words = "the cat sat on a mat while seven green birds sang over quiet hills"
     rng = random.Random(0)
-    train = tmp_path / "exp" / "data" / "train"
-    train.mkdir(parents=True)
-    (train / "text").write_text(
-        "".join(
-            f"utt{i:03d} {' '.join(rng.choices(words.upper().split(), k=6))}\n"
-            for i in range(200)
-        )
+    text = "".join(
+        f"utt{i:03d} {' '.join(rng.choices(words.upper().split(), k=6))}\n"
+        for i in range(200)
     )
-    asr_pipeline.main(
-        [
-            "--train_dir", str(tmp_path / "train"),
-            "--valid_dir", str(tmp_path / "dev"),
-            "--asr_config", "conf.yaml",
-            "--exp_dir", str(tmp_path / "exp"),
-            "--stages", "tokens",
-            "--token_type", "bpe",
-            "--nbpe", "30",
-        ]
-    )  # fmt: skip
-    token_dir = tmp_path / "exp" / "token_list" / "bpe_unigram30"
+    token_dir = _run_bpe_tokens_stage(tmp_path, text, nbpe=30)
     model = spm.SentencePieceProcessor(model_file=str(token_dir / "bpe.model"))
     assert model.get_piece_size() == 30
     tokens = (token_dir / "tokens.txt").read_text().splitlines()
@@ -120,18 +123,5 @@ def test_bpe_tokens_stage_writes_asr_sh_s_model_and_token_list(tmp_path):
 
 
 def test_a_sentencepiece_failure_names_its_log(tmp_path):
-    train = tmp_path / "exp" / "data" / "train"
-    train.mkdir(parents=True)
-    (train / "text").write_text("utt1 A CAT\nutt2 A MAT\n")
     with pytest.raises(RuntimeError, match="(?s)spm_train.*Vocabulary size too high"):
-        asr_pipeline.main(
-            [
-                "--train_dir", str(tmp_path / "train"),
-                "--valid_dir", str(tmp_path / "dev"),
-                "--asr_config", "conf.yaml",
-                "--exp_dir", str(tmp_path / "exp"),
-                "--stages", "tokens",
-                "--token_type", "bpe",
-                "--nbpe", "500",
-            ]
-        )  # fmt: skip
+        _run_bpe_tokens_stage(tmp_path, "utt1 A CAT\nutt2 A MAT\n", nbpe=500)

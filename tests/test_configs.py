@@ -4,7 +4,8 @@ The same check ESPnet's CI runs on recipe configs:
 ``asr_train --config F --iterator_type none --dry_run true --output_dir out
 --token_list dummy_token_list`` (here, one interpreter loops over all files).
 Speech-translation configs (``train_st*.yaml``) go through ``st_train`` instead, which
-also needs ``--src_token_list``.
+also needs ``--src_token_list``, and language-model configs (``train_lm*.yaml``)
+through ``lm_train``.
 """
 
 import json
@@ -29,13 +30,16 @@ def test_every_training_yaml_passes_espnet_dry_run(tmp_path):
     code = f"""
 import json, os, traceback
 from espnet2.tasks.asr import ASRTask
+from espnet2.tasks.lm import LMTask
 from espnet2.tasks.st import STTask
 failures = {{}}
 for i, f in enumerate({json.dumps([str(c) for c in configs])}):
-    st = os.path.basename(f).startswith("train_st")
+    name = os.path.basename(f)
+    st = name.startswith("train_st")
+    task = STTask if st else LMTask if name.startswith("train_lm") else ASRTask
     extra = ["--src_token_list", "{tokens}"] if st else []
     try:
-        (STTask if st else ASRTask).main(
+        task.main(
             cmd=["--config", f, "--iterator_type", "none", "--dry_run", "true",
                  "--output_dir", "{tmp_path}/out%d" % i, "--token_list", "{tokens}",
                  *extra])

@@ -6,9 +6,13 @@ Stages (asr.sh numbering in brackets):
   data    [1-4]  copy Kaldi dirs (wav.scp, text, utt2spk), audio paths made absolute
   tokens  [5]    token list (``espnet2.bin.tokenize_text``); for ``bpe`` first a
                  sentencepiece model of the training text, as asr.sh's ``spm_train``
+  lm      [6-8]  only with ``--use_lm true``: a token language model of
+                 ``--lm_train_text`` (``lm_train --collect_stats true``, then
+                 ``lm_train``) into ``--lm_exp_dir``, sharing the ASR token list
   stats   [10]   ``asr_train --collect_stats true`` + ``aggregate_stats_dirs``
   train   [11]   ``asr_train``
-  decode  [12]   ``asr_inference`` on every test set
+  decode  [12]   ``asr_inference`` on every test set (with ``--use_lm true``, shallow
+                 fusion with the language model, ``lm_weight`` from the decode YAML)
   score   [13]   WER and CER as asr.sh: ESPnet's word/char tokens (a space is a
                  ``<space>`` token), sclite if installed, else the same alignment
                  in Python (:mod:`espnet_ext.bin.scoring`)
@@ -27,13 +31,24 @@ Example::
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-STAGES = ("data", "tokens", "stats", "train", "decode", "score", "report", "pack")
+STAGES = (
+    "data",
+    "tokens",
+    "lm",
+    "stats",
+    "train",
+    "decode",
+    "score",
+    "report",
+    "pack",
+)
 
 
 def _log(msg: str) -> None:
@@ -128,6 +143,121 @@ def _data_args(prefix: str, data_dir: Path) -> List[str]:
     ]
 
 
+def _train_lm(
+    args: argparse.Namespace,
+    common: List[str],
+    token_list: Path,
+    train_set: Path,
+    valid_set: Path,
+    lm_exp: Path,
+) -> None:
+    """asr.sh stages 6-8: LM statistics, then ``lm_train`` on the ASR token list."""
+    lm_text = args.lm_train_text or train_set / "text"
+    if not lm_text.is_file():
+        raise FileNotFoundError(f"--lm_train_text: no such file: {lm_text}")
+    if not token_list.is_file():
+        raise FileNotFoundError(f"{token_list}: run the tokens stage before lm")
+    data = lm_exp / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    # asr.sh's dump/raw/lm_train.txt: its lines as they are, without empty ones.
+    lines = [ln for ln in lm_text.read_text(encoding="utf-8").splitlines() if " " in ln]
+    (data / "lm_train.txt").write_text("".join(ln + "\n" for ln in lines), "utf-8")
+    shutil.copyfile(valid_set / "text", data / "lm_valid.txt")
+    text_args = [
+        "--train_data_path_and_name_and_type",
+        f"{data}/lm_train.txt,text,text",
+        "--valid_data_path_and_name_and_type",
+        f"{data}/lm_valid.txt,text,text",
+    ]
+    stats_dir = lm_exp / "lm_stats"
+    _run(
+        [args.python, "-m", "espnet2.bin.lm_train", "--collect_stats", "true"]
+        + common
+        + text_args
+        + [
+            "--train_shape_file",
+            f"{data}/lm_train.txt",
+            "--valid_shape_file",
+            f"{data}/lm_valid.txt",
+            "--output_dir",
+            str(stats_dir),
+            "--config",
+            str(args.lm_config),
+        ],
+        lm_exp / "logs" / "lm_stats.log",
+    )
+    vocab = len(token_list.read_text(encoding="utf-8").splitlines())
+    for split in ("train", "valid"):
+        shapes = (stats_dir / split / "text_shape").read_text().splitlines()
+        (stats_dir / split / f"text_shape.{args.token_type}").write_text(
+            "".join(f"{line},{vocab}\n" for line in shapes if line.strip())
+        )
+    _run(
+        [args.python, "-m", "espnet2.bin.lm_train"]
+        + common
+        + text_args
+        + [
+            "--train_shape_file",
+            f"{stats_dir}/train/text_shape.{args.token_type}",
+            "--valid_shape_file",
+            f"{stats_dir}/valid/text_shape.{args.token_type}",
+            "--fold_length",
+            "150",
+            "--resume",
+            "true",
+            "--output_dir",
+            str(lm_exp),
+            "--config",
+            str(args.lm_config),
+            "--ngpu",
+            str(args.ngpu),
+            *args.lm_train_args.split(),
+        ],
+        lm_exp / "train.log",
+    )
+
+
+def _lm_decode_args(lm_exp: Path, inference_lm: str, token_list: Path) -> List[str]:
+    """asr_inference's LM options; the LM must share the ASR model's token list."""
+    import yaml
+
+    lm_config, lm_file = lm_exp / "config.yaml", lm_exp / inference_lm
+    for f in (lm_config, lm_file):
+        if not f.exists():
+            raise FileNotFoundError(f"--use_lm true: {f} is missing (stage lm)")
+    lm_tokens = yaml.safe_load(lm_config.read_text(encoding="utf-8"))["token_list"]
+    if isinstance(lm_tokens, str):
+        lm_tokens = Path(lm_tokens).read_text(encoding="utf-8").splitlines()
+    asr_tokens = token_list.read_text(encoding="utf-8").splitlines()
+    if lm_tokens != asr_tokens:
+        raise ValueError(
+            f"the LM in {lm_exp} was trained on another token list than {token_list}"
+        )
+    return ["--lm_train_config", str(lm_config), "--lm_file", str(lm_file)]
+
+
+def _lm_summary(
+    lm_exp: Path, inference_lm: str, lm_train_text: Optional[Path]
+) -> Dict[str, object]:
+    """What results.json says of the LM: where, its size, its training time."""
+    import torch
+
+    lm_file = lm_exp / inference_lm
+    state = torch.load(lm_file, map_location="cpu")
+    summary: Dict[str, object] = {
+        "exp_dir": str(lm_exp),
+        "file": inference_lm,
+        "params": sum(v.numel() for v in state.values()),
+        "train_text": str(lm_train_text) if lm_train_text else None,
+    }
+    ckpt = lm_exp / "checkpoint.pth"
+    if ckpt.exists():
+        from espnet_ext.bin.measure_asr import training_time
+
+        summary.update(training_time(ckpt))
+    return summary
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -174,6 +304,39 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
         "results_<tag>.json (e.g. the streaming decode of a U2++ model), leaving "
         "the untagged decode alone",
     )
+    p.add_argument(
+        "--use_lm",
+        choices=("true", "false"),
+        default="false",
+        help="asr.sh's --use_lm: train a token LM (stage lm) and decode with it",
+    )
+    p.add_argument(
+        "--lm_config", type=Path, default=None, help="asr.sh's --lm_config (lm_train)"
+    )
+    p.add_argument(
+        "--lm_train_text",
+        type=Path,
+        default=None,
+        help="asr.sh's --lm_train_text: Kaldi '<id> <sentence>' text (default: the "
+        "training transcripts)",
+    )
+    p.add_argument(
+        "--lm_exp_dir",
+        type=Path,
+        default=None,
+        help="where the LM trains (default: lm_<lm_config name> next to --exp_dir, "
+        "shared by every ASR config with the same token list, as asr.sh's exp/lm_*)",
+    )
+    p.add_argument(
+        "--lm_train_args",
+        default="",
+        help="extra lm_train arguments, e.g. '--max_epoch 1'",
+    )
+    p.add_argument(
+        "--inference_lm",
+        default="valid.loss.ave.pth",
+        help="asr.sh's --inference_lm: LM checkpoint in --lm_exp_dir for decoding",
+    )
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     p.add_argument(
         "--train_args",
@@ -193,6 +356,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
     args = p.parse_args(argv)
     if args.token_type == "bpe" and args.nbpe < 1:
         p.error(f"--nbpe must be >= 1, got {args.nbpe}")
+    use_lm = args.use_lm == "true"
+    if use_lm and args.lm_config is None:
+        p.error("--use_lm true needs --lm_config")
+    if use_lm and not args.decode_tag:
+        # asr.sh names an LM decode after its LM too; the LM-free decode stays put.
+        args.decode_tag = "lm"
 
     exp = args.exp_dir
     data = exp / "data"
@@ -217,6 +386,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
         bpemodel = None
         stats_dir = exp / f"asr_stats_raw_{args.token_type}"
     token_list = token_dir / "tokens.txt"
+    lm_exp = None
+    if use_lm:
+        lm_exp = args.lm_exp_dir or exp.parent / f"lm_{args.lm_config.stem}"
     asr_dir = exp / "asr_train"
     py = [args.python, "-m"]
     common = [
@@ -296,6 +468,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
             ],
             exp / "logs" / "tokens.log",
         )
+
+    if "lm" in args.stages and use_lm:
+        _train_lm(args, common, token_list, train_set, valid_set, lm_exp)
 
     if "stats" in args.stages:
         logdir = stats_dir / "logdir"
@@ -389,6 +564,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
         and args.inference_model == "valid.acc.ave.pth"
     ):
         model_file = asr_dir / "latest.pth"  # a 1-epoch run may have no averaged model
+    lm_args: List[str] = []
+    if use_lm:
+        lm_args = _lm_decode_args(lm_exp, args.inference_lm, token_list)
     tag = f"_{args.decode_tag}" if args.decode_tag else ""
     decode_root = asr_dir / f"decode_{model_file.stem}{tag}"
     results_file = exp / f"results{tag}.json"
@@ -419,6 +597,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
                     str(model_file),
                     "--output_dir",
                     str(out),
+                    *lm_args,
                     *extra,
                 ],
                 out / "decode.log",
@@ -471,6 +650,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
                 str(args.rtf_threads),
                 "--output",
                 str(report_json),
+                *lm_args,
                 *extra,
                 *ckpt,
             ],
@@ -486,6 +666,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
             report["inference_config"] = str(args.inference_config)
         if args.decode_tag:
             report["decode_tag"] = args.decode_tag
+        if lm_exp is not None:
+            report["lm"] = _lm_summary(lm_exp, args.inference_lm, args.lm_train_text)
         if bpemodel is not None:
             report["token_type"] = f"bpe_{args.bpemode}"
             report["nbpe"] = args.nbpe

@@ -69,6 +69,8 @@ def measure(
     inference_config: Optional[Path] = None,
     max_utts: int = 50,
     nthreads: int = 1,
+    lm_train_config: Optional[Path] = None,
+    lm_file: Optional[Path] = None,
 ) -> Dict[str, float]:
     import soundfile
     import torch
@@ -89,6 +91,8 @@ def measure(
     s2t = Speech2Text(
         asr_train_config=str(asr_train_config),
         asr_model_file=str(asr_model_file),
+        lm_train_config=str(lm_train_config) if lm_train_config else None,
+        lm_file=str(lm_file) if lm_file else None,
         device="cpu",
         **opts,
     )
@@ -132,6 +136,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     p.add_argument("--max_utts", type=int, default=50)
     p.add_argument("--nthreads", type=int, default=1)
     p.add_argument(
+        "--lm_train_config", type=Path, default=None, help="as asr_inference's"
+    )
+    p.add_argument("--lm_file", type=Path, default=None, help="as asr_inference's")
+    p.add_argument(
         "--train_checkpoint",
         type=Path,
         default=None,
@@ -146,6 +154,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         args.inference_config,
         args.max_utts,
         args.nthreads,
+        args.lm_train_config,
+        args.lm_file,
     )
     if args.train_checkpoint is not None:
         result.update(training_time(args.train_checkpoint))

@@ -125,3 +125,49 @@ def test_bpe_tokens_stage_writes_asr_sh_s_model_and_token_list(tmp_path):
 def test_a_sentencepiece_failure_names_its_log(tmp_path):
     with pytest.raises(RuntimeError, match="(?s)spm_train.*Vocabulary size too high"):
         _run_bpe_tokens_stage(tmp_path, "utt1 A CAT\nutt2 A MAT\n", nbpe=500)
+
+
+TOKENS = "<blank>\n<unk>\n<space>\nE\nT\n<sos/eos>\n"
+
+
+def _trained_lm(tmp_path: Path, token_list: list) -> Path:
+    """An LM dir as lm_train leaves it: config.yaml naming its token list, and the
+    checkpoint asr.sh decodes with (contents are not read before decoding)."""
+    import yaml
+
+    lm = tmp_path / "exp_lm"
+    lm.mkdir()
+    (lm / "config.yaml").write_text(yaml.safe_dump({"token_list": token_list}))
+    (lm / "valid.loss.ave.pth").write_bytes(b"")
+    tokens = tmp_path / "exp" / "token_list" / "char" / "tokens.txt"
+    tokens.parent.mkdir(parents=True)
+    tokens.write_text(TOKENS)
+    return lm
+
+
+def test_an_lm_decode_fuses_the_lm_and_gets_its_own_tag(tmp_path):
+    lm = _trained_lm(tmp_path, TOKENS.split())
+    lm_opts = ("--use_lm", "true", "--lm_config", "lm.yaml", "--lm_exp_dir", str(lm))
+    argv = _recorded_args(tmp_path, *lm_opts, stage="decode")
+    assert _option(argv, "--lm_train_config") == [str(lm / "config.yaml")]
+    assert _option(argv, "--lm_file") == [str(lm / "valid.loss.ave.pth")]
+    # the LM-free decode (decode_<model>/) is left alone
+    (out,) = _option(argv, "--output_dir")
+    assert Path(out).parent.name.endswith("_lm")
+
+
+def test_an_lm_of_another_token_list_is_refused(tmp_path):
+    lm = _trained_lm(tmp_path, ["<blank>", "<unk>", "<space>", "T", "E", "<sos/eos>"])
+    lm_opts = ("--use_lm", "true", "--lm_config", "lm.yaml", "--lm_exp_dir", str(lm))
+    with pytest.raises(ValueError, match="another token list"):
+        _recorded_args(tmp_path, *lm_opts, stage="decode")
+
+
+def test_use_lm_needs_an_lm_config(tmp_path):
+    with pytest.raises(SystemExit):
+        _recorded_args(tmp_path, "--use_lm", "true", stage="decode")
+
+
+def test_the_lm_stage_trains_nothing_without_use_lm(tmp_path):
+    with pytest.raises(FileNotFoundError):  # the fake interpreter never ran
+        _recorded_args(tmp_path, stage="lm")

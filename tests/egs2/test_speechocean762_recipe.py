@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-from conftest import RECIPE
+from conftest import RECIPE, recipe_tool
 
 from espnet_ext.bin.scoring import score_set
 
@@ -287,7 +287,8 @@ def test_results_table_has_a_row_per_config_and_marks_missing_runs_pending(tmp_p
         capture_output=True,
     )
     text = readme.read_text()
-    configs = sorted(p.stem for p in (RECIPE / "conf" / "tuning").glob("train_*.yaml"))
+    tuning = sorted((RECIPE / "conf" / "tuning").glob("train_*.yaml"))
+    configs = [p.stem for p in tuning if not p.stem.startswith("train_lm")]
     rows = [ln for ln in text.splitlines() if ln.startswith("| train_")]
     assert [r.split(" | ")[0][2:] for r in rows] == configs
     measured = next(r for r in rows if r.startswith("| train_asr_conformer |"))
@@ -373,6 +374,76 @@ def test_tune_decoding_scores_its_grid_on_dev(fast_run, speechocean):
     assert "best on dev_fast" in out.stdout
 
 
+# A character LM small enough to train in seconds: the point is the plumbing
+# (asr.sh stages 6-8, then shallow fusion in asr_inference), not its perplexity.
+TINY_LM = """lm: seq_rnn
+lm_conf: {unit: 16, nlayers: 1}
+batch_type: folded
+batch_size: 16
+max_epoch: 1
+num_workers: 0
+best_model_criterion: [[valid, loss, min]]
+keep_nbest_models: 1
+optim: adam
+"""
+
+
+@pytest.fixture(scope="module")
+def fast_lm_run(fast_run, speechocean):
+    """The fast run's model decoded again with a freshly trained LM."""
+    exp, _ = fast_run
+    conf = exp.parent / "lm.yaml"
+    conf.write_text(TINY_LM)
+    decode = exp.parent / "decode_lm.yaml"
+    decode.write_text("beam_size: 2\nctc_weight: 0.3\nlm_weight: 0.5\n")
+    cmd = [sys.executable, "-m", "espnet_ext.bin.asr_pipeline"]
+    cmd += ["--train_dir", str(exp / "data" / "train_fast")]
+    cmd += ["--valid_dir", str(exp / "data" / "dev_fast")]
+    cmd += ["--asr_config", "conf/tuning/train_asr_moe_conformer.yaml"]
+    cmd += ["--exp_dir", str(exp), "--inference_config", str(decode)]
+    cmd += ["--use_lm", "true", "--lm_config", str(conf), "--rtf_utts", "2"]
+    cmd += ["--stages", "lm", "decode", "score", "report"]
+    out = _run(cmd, speechocean)
+    return exp, exp.parent / f"lm_{conf.stem}", out.stdout
+
+
+@pytest.mark.slow
+def test_the_lm_stage_trains_on_the_asr_token_list(fast_lm_run):
+    exp, lm, _ = fast_lm_run
+    import yaml
+
+    config = yaml.safe_load((lm / "config.yaml").read_text())
+    tokens = (exp / "token_list" / "char" / "tokens.txt").read_text().split()
+    assert config["token_list"] == tokens
+    assert (lm / "valid.loss.ave.pth").exists()
+
+
+@pytest.mark.slow
+def test_an_lm_decode_is_scored_and_reported_under_its_own_tag(fast_lm_run):
+    exp, lm, out = fast_lm_run
+    res = json.loads((exp / "results_lm.json").read_text())
+    assert res["decode_tag"] == "lm" and res["lm"]["exp_dir"] == str(lm)
+    assert res["lm"]["params"] > 0 and res["lm"]["epochs"] == 1
+    scores = res["sets"]["dev_fast"]
+    assert f"dev_fast: WER {scores['wer']:.1f}%  CER {scores['cer']:.1f}%" in out
+    # the LM-free decode of the fast run is still there
+    assert json.loads((exp / "results.json").read_text()).get("decode_tag") is None
+    decode_log = next(exp.glob("asr_train/decode_*_lm/dev_fast/decode.log"))
+    assert "SequentialRNNLM" in decode_log.read_text()
+
+
+@pytest.mark.slow
+def test_tune_decoding_scores_lm_weights_too(fast_lm_run, speechocean, tmp_path):
+    exp, lm, _ = fast_lm_run
+    out = tmp_path / "tune_lm.json"
+    cmd = [sys.executable, "local/tune_decoding.py", "--exp_dir", str(exp)]
+    cmd += ["--set", "dev_fast", "--max_utts", "1", "--ctc_weights", "0.3"]
+    cmd += ["--penalties", "0", "--lm_exp_dir", str(lm), "--lm_weights", "0", "0.5"]
+    _run([*cmd, "--out", str(out)], speechocean)
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted(r["lm_weight"] for r in rows) == [0.0, 0.5]
+
+
 def test_tune_decoding_refuses_the_test_set(tmp_path):
     proc = subprocess.run(
         [sys.executable, "local/tune_decoding.py", "--exp_dir", str(tmp_path)]
@@ -382,3 +453,41 @@ def test_tune_decoding_refuses_the_test_set(tmp_path):
         text=True,
     )
     assert proc.returncode != 0 and "test must not take part" in proc.stderr
+
+
+def _run_sh_args(tmp_path: Path, *options: str) -> list:
+    """The arguments run.sh hands asr.sh (a fake that records them)."""
+    (tmp_path / "run.sh").write_bytes((RECIPE / "run.sh").read_bytes())
+    record = tmp_path / "argv"
+    (tmp_path / "asr.sh").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
+    (tmp_path / "asr.sh").chmod(0o755)
+    subprocess.run(["bash", "run.sh", *options], cwd=tmp_path, check=True)
+    return record.read_text().split("\n")
+
+
+def _values(argv: list, name: str) -> list:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == name]
+
+
+def test_run_sh_trains_no_lm_by_default(tmp_path):
+    argv = _run_sh_args(tmp_path)
+    assert _values(argv, "--use_lm") == ["false"]
+    assert _values(argv, "--local_data_opts") == ["--fast false --lm_text false"]
+
+
+def test_run_sh_use_lm_writes_the_lm_text_trains_and_fuses_the_lm(tmp_path):
+    argv = _run_sh_args(tmp_path, "--use_lm", "true")
+    assert _values(argv, "--use_lm") == ["true"]
+    assert _values(argv, "--local_data_opts") == ["--fast false --lm_text true"]
+    assert _values(argv, "--lm_train_text") == ["data/lm_train/text"]
+    assert _values(argv, "--lm_config") == ["conf/tuning/train_lm_rnn.yaml"]
+    # asr.sh takes the last --inference_config: the LM decode's
+    assert _values(argv, "--inference_config")[-1] == "conf/decode_asr_lm.yaml"
+
+
+def test_tune_decoding_reads_the_text_of_an_intermediate_ctc_model_too():
+    best_text = recipe_tool("tune_decoding").best_text
+    nbest = [("A CAT", ["A"], [3], None), ("A HAT", ["A"], [3], None)]
+    assert best_text(nbest) == "A CAT"
+    # Speech2Text of an interctc model returns (n-best, {layer: CTC outputs})
+    assert best_text((nbest, {2: []})) == "A CAT"

@@ -18,8 +18,9 @@ def results_mod():
 
 @pytest.fixture(scope="module")
 def results(results_mod):
-    configs = sorted((RECIPE / "conf" / "tuning").glob("train_*.yaml"))
-    return results_mod.load(RECIPE / "results", configs)
+    return results_mod.load(
+        RECIPE / "results", results_mod.row_configs(RECIPE / "conf" / "tuning")
+    )
 
 
 def test_readme_table_is_the_one_built_from_the_results_files(results_mod, results):
@@ -78,6 +79,22 @@ def test_a_tagged_decode_is_its_own_row_after_its_model(results_mod, tmp_path):
     assert results_mod._command("train_asr_x_chunk16", tagged) == (
         "`./run_cpu.sh --asr_config c/x.yaml --inference_config "
         "conf/decode_chunk16.yaml --decode_tag chunk16 --stages 'decode score report'`"
+    )
+
+
+def test_an_lm_decode_row_names_its_lm_and_the_command_that_fuses_it(results_mod):
+    lm_decode = {
+        "asr_config": "c/x.yaml",
+        "inference_config": "conf/decode_asr_lm.yaml",
+        "decode_tag": "lm",
+        "lm": {"params": 3_300_000, "train_seconds": 2520.0},
+        "sets": {"test": {"wer": 60.0, "cer": 35.0}},
+    }
+    (row,) = results_mod.table({"train_asr_x_lm": lm_decode}).splitlines()[2:]
+    assert row.startswith("| train_asr_x_lm (+ LM: 3.30M, trained 0h42m) |")
+    assert row.endswith(
+        "| `./run_cpu.sh --asr_config c/x.yaml --inference_config "
+        "conf/decode_asr_lm.yaml --use_lm true --stages 'lm decode score report'` |"
     )
 
 

@@ -3,14 +3,17 @@
 # Every option of asr.sh can be appended, e.g.
 #   ./run.sh --asr_config conf/tuning/train_asr_moe_conformer.yaml
 #   ./run.sh --fast true             # smoke run: 80 train utterances, 1 epoch
+#   ./run.sh --use_lm true           # + a character LM of free English text (README)
 # Without a checkout, ./run_cpu.sh runs the same stages.
 set -euo pipefail
 
 fast=false
+use_lm=false
 args=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --fast) fast=$2; shift 2 ;;
+        --use_lm) use_lm=$2; shift 2 ;;
         *) args+=("$1"); shift ;;
     esac
 done
@@ -24,8 +27,20 @@ suffix=
 fast_opts=()
 if [ "${fast}" = true ]; then
     suffix=_fast
-    fast_opts=(--local_data_opts "--fast true" --asr_args "--max_epoch 1"
-               --inference_config conf/decode_asr_fast.yaml --expdir exp_fast)
+    fast_opts=(--asr_args "--max_epoch 1" --inference_config conf/decode_asr_fast.yaml
+               --expdir exp_fast)
+fi
+# The LM's text (local/lm_text.py) is written by stage 1; asr.sh trains the LM in
+# stages 6-8 on the ASR token list and fuses it in stage 12.
+lm_opts=(--use_lm false --lm_train_text "data/train${suffix}/text")
+if [ "${use_lm}" = true ]; then
+    lm_opts=(--use_lm true --lm_config conf/tuning/train_lm_rnn.yaml
+             --lm_train_text "data/lm_train${suffix}/text")
+    if [ "${fast}" = true ]; then
+        lm_opts+=(--lm_args "--max_epoch 1 --num_iters_per_epoch 5")
+    else
+        lm_opts+=(--inference_config conf/decode_asr_lm.yaml)
+    fi
 fi
 
 ./asr.sh \
@@ -36,7 +51,6 @@ fi
     --feats_type raw \
     --audio_format flac \
     --token_type char \
-    --use_lm false \
     --max_wav_duration 30 \
     --feats_normalize utterance_mvn \
     --asr_config conf/tuning/train_asr_conformer.yaml \
@@ -44,5 +58,5 @@ fi
     --train_set "train${suffix}" \
     --valid_set "dev${suffix}" \
     --test_sets "dev${suffix} test${suffix}" \
-    --lm_train_text "data/train${suffix}/text" \
-    "${fast_opts[@]}" "${args[@]}"
+    --local_data_opts "--fast ${fast} --lm_text ${use_lm}" \
+    "${lm_opts[@]}" "${fast_opts[@]}" "${args[@]}"

@@ -9,6 +9,9 @@
 #   ./run_cpu.sh --asr_config conf/tuning/train_asr_u2_conformer.yaml \
 #       --inference_config conf/decode_attention_rescoring_chunk16.yaml \
 #       --decode_tag chunk16 --stages 'decode score report'   # after its training
+#   ./run_cpu.sh --asr_config conf/tuning/train_asr_conformer_interctc.yaml \
+#       --use_lm true --inference_config conf/decode_asr_lm.yaml \
+#       --stages 'data lm decode score report'   # shallow fusion with a char LM
 set -euo pipefail
 
 asr_config=conf/tuning/train_asr_conformer.yaml
@@ -24,7 +27,12 @@ datadir=data
 stages=
 decode_tag=  # decode the trained model again into its own RESULTS row, e.g. chunk16
 extra_train_args=  # appended to asr_train's arguments, e.g. "--max_epoch 3"
-usage="Usage: $0 [--asr_config yaml] [--inference_config yaml] [--feats_normalize global_mvn|utterance_mvn] [--token_type char|bpe] [--nbpe N] [--fast true|false] [--expdir dir] [--datadir dir] [--stages 'data tokens ...'] [--train_args 'asr_train args'] [--decode_tag tag]"
+# Shallow fusion with a character LM of free English text (README, "Language model"):
+# trained once into exp_cpu/lm_<lm_config name>, shared by every ASR config; its
+# decodes go to their own RESULTS row (<config>_lm).
+use_lm=false
+lm_config=conf/tuning/train_lm_rnn.yaml
+usage="Usage: $0 [--asr_config yaml] [--inference_config yaml] [--feats_normalize global_mvn|utterance_mvn] [--token_type char|bpe] [--nbpe N] [--fast true|false] [--expdir dir] [--datadir dir] [--stages 'data tokens ...'] [--train_args 'asr_train args'] [--decode_tag tag] [--use_lm true|false] [--lm_config yaml]"
 while [ $# -gt 0 ]; do
     case "$1" in
         --asr_config) asr_config=$2; shift 2 ;;
@@ -38,6 +46,8 @@ while [ $# -gt 0 ]; do
         --stages) stages=$2; shift 2 ;;
         --train_args) extra_train_args=$2; shift 2 ;;
         --decode_tag) decode_tag=$2; shift 2 ;;
+        --use_lm) use_lm=$2; shift 2 ;;
+        --lm_config) lm_config=$2; shift 2 ;;
         -h|--help) echo "${usage}"; exit 0 ;;
         *) echo "$0: unknown option '$1'" >&2; echo "${usage}" >&2; exit 1 ;;
     esac
@@ -64,7 +74,16 @@ token_tag=
 [ "${token_type}" = bpe ] && token_tag=_bpe${nbpe}
 expdir=${expdir:-exp_cpu/$(basename "${asr_config}" .yaml)${token_tag}${suffix}}
 
-local/data.sh --fast "${fast}" --data_dir "${datadir}"
+local/data.sh --fast "${fast}" --data_dir "${datadir}" --lm_text "${use_lm}"
+
+lm_args=()
+if [ "${use_lm}" = true ]; then
+    lm_args=(--use_lm true --lm_config "${lm_config}"
+             --lm_train_text "${datadir}/lm_train${suffix}/text"
+             --lm_exp_dir "$(dirname "${expdir}")/lm_$(basename "${lm_config}" .yaml)${suffix}")
+    # A smoke run's LM: a few updates, enough to exercise training and fusion.
+    [ "${fast}" = true ] && lm_args+=(--lm_train_args "--max_epoch 1 --num_iters_per_epoch 5")
+fi
 
 stage_args=()
 [ -n "${stages}" ] && stage_args=(--stages ${stages})
@@ -75,4 +94,4 @@ python3 -m espnet_ext.bin.asr_pipeline \
     --exp_dir "${expdir}" --train_args "${train_args} ${extra_train_args}" --rtf_utts "${rtf_utts}" \
     --feats_normalize "${feats_normalize}" --token_type "${token_type}" --nbpe "${nbpe}" \
     --decode_tag "${decode_tag}" \
-    "${stage_args[@]}"
+    "${lm_args[@]}" "${stage_args[@]}"

@@ -5,11 +5,11 @@ Every run's numbers live in ``results/<name>.json``, a copy of the ``results.jso
 that ``run_cpu.sh`` (``espnet_ext.bin.asr_pipeline``'s report stage) or
 ``local/pocketsphinx_baseline.py`` wrote. The table and the plot are generated from
 these files only, so no number in RESULTS is typed by hand. Every
-``conf/tuning/train_*.yaml`` gets a row; a config without a results file is marked
-*pending*. Results files with ``"reference": true`` (systems we did not train) come
-first. Files in ``results/curves/`` hold only the learning curve of a training run that
-was not decoded (a diagnostic run, or one stopped early); they are drawn in the plot's
-learning-curve panels, never in the table.
+``conf/tuning/train_*.yaml`` but the language model's gets a row; a config without a
+results file is marked *pending*. Results files with ``"reference": true`` (systems
+we did not train) come first. Files in ``results/curves/`` hold only the learning curve
+of a training run that was not decoded (a diagnostic run, or one stopped early); they
+are drawn in the plot's learning-curve panels, never in the table.
 
     python3 local/results.py --collect exp_cpu   # copy exp_cpu/*/results.json here
     python3 local/results.py                     # rewrite README.md's table + plot
@@ -62,6 +62,16 @@ def collect(exp_root: Path, results_dir: Path) -> List[str]:
         (results_dir / f"{name}.json").write_text(text, encoding="utf-8")
         copied.append(name)
     return copied
+
+
+def row_configs(conf_dir: Path) -> List[Path]:
+    """The configs with a row: every training config but the language model's
+    (``train_lm*.yaml``; its decodes are rows of their ASR config, ``<config>_lm``)."""
+    return [
+        c
+        for c in sorted(conf_dir.glob("train_*.yaml"))
+        if not c.name.startswith("train_lm")
+    ]
 
 
 def load(results_dir: Path, configs: List[Path]) -> Dict[str, Optional[dict]]:
@@ -137,7 +147,13 @@ def _command(name: str, r: Optional[dict]) -> str:
         cmd += f" --train_args '{r['train_args']}'"
     if r.get("inference_config") not in (None, DEFAULT_DECODE):
         cmd += f" --inference_config {r['inference_config']}"
-    if r.get("decode_tag"):
+    if r.get("lm"):
+        # run_cpu.sh tags an LM decode "lm" itself; the lm stage finds its LM trained.
+        cmd += " --use_lm true"
+        if r.get("decode_tag") != "lm":
+            cmd += f" --decode_tag {r['decode_tag']}"
+        cmd += " --stages 'lm decode score report'"
+    elif r.get("decode_tag"):
         cmd += f" --decode_tag {r['decode_tag']} --stages 'decode score report'"
     return f"`{cmd}`"
 
@@ -151,6 +167,11 @@ def table(results: Dict[str, Optional[dict]]) -> str:
         else:
             cmd = _command(name, r)
             label = name
+        if r is not None and r.get("lm"):
+            # The LM is not in the ASR model's columns: its size and training here.
+            lm = r["lm"]
+            label += f" (+ LM: {lm['params'] / 1e6:.2f}M, trained "
+            label += f"{_fmt_time(lm.get('train_seconds'))})"
         if r is None:
             rows.append(
                 f"| {label} | "
@@ -331,7 +352,7 @@ def main() -> None:
 
     if args.collect:
         print("collected:", ", ".join(collect(args.collect, args.results_dir)))
-    configs = sorted(args.conf_dir.glob("train_*.yaml"))
+    configs = row_configs(args.conf_dir)
     results = load(args.results_dir, configs)
     text = table(results)
     print(text)

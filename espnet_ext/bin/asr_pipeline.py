@@ -143,6 +143,17 @@ def _data_args(prefix: str, data_dir: Path) -> List[str]:
     ]
 
 
+def _write_text_shapes(stats_dir: Path, token_list: Path, token_type: str) -> None:
+    """asr.sh's ``text_shape.<token_type>``: each text shape with the vocabulary size
+    appended ("len" -> "len,V"), for the train and valid statistics."""
+    vocab = len(token_list.read_text(encoding="utf-8").splitlines())
+    for split in ("train", "valid"):
+        shapes = (stats_dir / split / "text_shape").read_text().splitlines()
+        (stats_dir / split / f"text_shape.{token_type}").write_text(
+            "".join(f"{line},{vocab}\n" for line in shapes if line.strip())
+        )
+
+
 def _train_lm(
     args: argparse.Namespace,
     common: List[str],
@@ -186,12 +197,7 @@ def _train_lm(
         ],
         lm_exp / "logs" / "lm_stats.log",
     )
-    vocab = len(token_list.read_text(encoding="utf-8").splitlines())
-    for split in ("train", "valid"):
-        shapes = (stats_dir / split / "text_shape").read_text().splitlines()
-        (stats_dir / split / f"text_shape.{args.token_type}").write_text(
-            "".join(f"{line},{vocab}\n" for line in shapes if line.strip())
-        )
+    _write_text_shapes(stats_dir, token_list, args.token_type)
     _run(
         [args.python, "-m", "espnet2.bin.lm_train"]
         + common
@@ -507,13 +513,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
             ],
             logdir / "aggregate.log",
         )
-        # asr.sh appends the vocabulary size to each text shape ("len" -> "len,V").
-        vocab = len(token_list.read_text(encoding="utf-8").splitlines())
-        for split in ("train", "valid"):
-            shapes = (stats_dir / split / "text_shape").read_text().splitlines()
-            (stats_dir / split / f"text_shape.{args.token_type}").write_text(
-                "".join(f"{line},{vocab}\n" for line in shapes if line.strip())
-            )
+        _write_text_shapes(stats_dir, token_list, args.token_type)
 
     if args.feats_normalize == "global_mvn":
         stats = f"stats_file={stats_dir}/train/feats_stats.npz"

@@ -264,6 +264,34 @@ def _lm_summary(
     return summary
 
 
+def _teacher_summary(train_config: Path) -> Optional[Dict[str, object]]:
+    """What results.json says of a distillation teacher (``model_conf.distill``):
+    its files, size and, from the ``checkpoint.pth`` beside its model, its training
+    time, which a row trained with a teacher must not leave out. ``None`` without
+    distillation."""
+    import torch
+    import yaml
+
+    conf = yaml.safe_load(train_config.read_text(encoding="utf-8"))
+    distill = (conf.get("model_conf") or {}).get("distill")
+    if not distill:
+        return None
+    model = Path(distill["teacher_model"])
+    state = torch.load(model, map_location="cpu")
+    summary: Dict[str, object] = {
+        "config": distill["teacher_config"],
+        "model": str(model),
+        "params": sum(v.numel() for v in state.values()),  # as _lm_summary counts
+    }
+    ckpt = model.parent / "checkpoint.pth"
+    if ckpt.exists():
+        from espnet_ext.bin.measure_asr import training_time
+
+        summary.update(training_time(ckpt))
+        summary.pop("curve", None)
+    return summary
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -565,7 +593,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
     ):
         model_file = asr_dir / "latest.pth"  # a 1-epoch run may have no averaged model
     lm_args: List[str] = []
-    if use_lm:
+    if use_lm and {"decode", "report"} & set(args.stages):
+        # Checked here, not at start-up: `--stages train` must not need a trained LM.
         lm_args = _lm_decode_args(lm_exp, args.inference_lm, token_list)
     tag = f"_{args.decode_tag}" if args.decode_tag else ""
     decode_root = asr_dir / f"decode_{model_file.stem}{tag}"
@@ -668,6 +697,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
             report["decode_tag"] = args.decode_tag
         if lm_exp is not None:
             report["lm"] = _lm_summary(lm_exp, args.inference_lm, args.lm_train_text)
+        teacher = _teacher_summary(asr_dir / "config.yaml")
+        if teacher is not None:
+            report["teacher"] = teacher
         if bpemodel is not None:
             report["token_type"] = f"bpe_{args.bpemode}"
             report["nbpe"] = args.nbpe

@@ -1,9 +1,12 @@
 """espnet_ext.bin.asr_pipeline builds asr.sh's commands; these tests record them."""
 
 import stat
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from espnet_ext.bin import asr_pipeline
 
@@ -163,6 +166,13 @@ def test_an_lm_of_another_token_list_is_refused(tmp_path):
         _recorded_args(tmp_path, *lm_opts, stage="decode")
 
 
+def test_training_with_use_lm_needs_no_trained_lm_yet(tmp_path):
+    lm_opts = ("--use_lm", "true", "--lm_config", "lm.yaml")
+    lm_opts += ("--lm_exp_dir", str(tmp_path / "no_lm_yet"))
+    argv = _recorded_args(tmp_path, *lm_opts, stage="train")
+    assert "espnet2.bin.asr_train" in argv
+
+
 def test_use_lm_needs_an_lm_config(tmp_path):
     with pytest.raises(SystemExit):
         _recorded_args(tmp_path, "--use_lm", "true", stage="decode")
@@ -171,3 +181,25 @@ def test_use_lm_needs_an_lm_config(tmp_path):
 def test_the_lm_stage_trains_nothing_without_use_lm(tmp_path):
     with pytest.raises(FileNotFoundError):  # the fake interpreter never ran
         _recorded_args(tmp_path, stage="lm")
+
+
+def test_a_distilled_model_s_report_names_its_teacher_and_its_training_time(tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    torch.save({"w": torch.zeros(3, 4), "b": torch.zeros(4)}, teacher / "ave.pth")
+    epoch = {"train": {"time": timedelta(minutes=50)}, "valid": {"acc": 0.5}}
+    epoch["valid"]["time"] = timedelta(minutes=2)
+    reporter = {"stats": {1: epoch, 2: epoch}, "epoch": 2}
+    torch.save({"reporter": reporter}, teacher / "checkpoint.pth")
+    conf = tmp_path / "config.yaml"
+    distill = {"teacher_config": "t.yaml", "teacher_model": str(teacher / "ave.pth")}
+    conf.write_text(yaml.safe_dump({"model_conf": {"distill": distill}}))
+    summary = asr_pipeline._teacher_summary(conf)
+    assert summary["params"] == 16 and summary["config"] == "t.yaml"
+    assert summary["epochs"] == 2 and summary["train_seconds"] == 2 * 52 * 60
+
+
+def test_a_model_without_distillation_reports_no_teacher(tmp_path):
+    conf = tmp_path / "config.yaml"
+    conf.write_text(yaml.safe_dump({"model_conf": {"ctc_weight": 0.3}}))
+    assert asr_pipeline._teacher_summary(conf) is None

@@ -361,19 +361,6 @@ def test_setup_sh_without_espnet_root_says_what_to_set(tmp_path):
     assert proc.returncode != 0 and "ESPNET_ROOT" in proc.stderr
 
 
-@pytest.mark.slow
-def test_tune_decoding_scores_its_grid_on_dev(fast_run, speechocean):
-    exp, _ = fast_run
-    cmd = [sys.executable, "local/tune_decoding.py", "--exp_dir", str(exp)]
-    cmd += ["--set", "dev_fast", "--max_utts", "2", "--ctc_weights", "0.3", "1.0"]
-    out = _run([*cmd, "--penalties", "0"], speechocean)
-    res = json.loads((exp / "tune_decoding.json").read_text())
-    assert res["set"] == "dev_fast" and res["utts"] == 2
-    assert sorted(r["ctc_weight"] for r in res["rows"]) == [0.3, 1.0]
-    assert [r["cer"] for r in res["rows"]] == sorted(r["cer"] for r in res["rows"])
-    assert "best on dev_fast" in out.stdout
-
-
 # A character LM small enough to train in seconds: the point is the plumbing
 # (asr.sh stages 6-8, then shallow fusion in asr_inference), not its perplexity.
 TINY_LM = """lm: seq_rnn
@@ -390,15 +377,21 @@ optim: adam
 
 @pytest.fixture(scope="module")
 def fast_lm_run(fast_run, speechocean):
-    """The fast run's model decoded again with a freshly trained LM."""
+    """The fast run's model decoded again with a freshly trained LM, on the first 2
+    of its 10 dev utterances (``dev_lm``): LM decoding is the suite's slow part."""
     exp, _ = fast_run
+    dev = exp / "data" / "dev_lm"
+    dev.mkdir()
+    for name in ("wav.scp", "text", "utt2spk"):
+        lines = (exp / "data" / "dev_fast" / name).read_text().splitlines(True)
+        (dev / name).write_text("".join(lines[:2]))
     conf = exp.parent / "lm.yaml"
     conf.write_text(TINY_LM)
     decode = exp.parent / "decode_lm.yaml"
     decode.write_text("beam_size: 2\nctc_weight: 0.3\nlm_weight: 0.5\n")
     cmd = [sys.executable, "-m", "espnet_ext.bin.asr_pipeline"]
     cmd += ["--train_dir", str(exp / "data" / "train_fast")]
-    cmd += ["--valid_dir", str(exp / "data" / "dev_fast")]
+    cmd += ["--valid_dir", str(dev)]
     cmd += ["--asr_config", "conf/tuning/train_asr_moe_conformer.yaml"]
     cmd += ["--exp_dir", str(exp), "--inference_config", str(decode)]
     cmd += ["--use_lm", "true", "--lm_config", str(conf), "--rtf_utts", "2"]
@@ -424,24 +417,29 @@ def test_an_lm_decode_is_scored_and_reported_under_its_own_tag(fast_lm_run):
     res = json.loads((exp / "results_lm.json").read_text())
     assert res["decode_tag"] == "lm" and res["lm"]["exp_dir"] == str(lm)
     assert res["lm"]["params"] > 0 and res["lm"]["epochs"] == 1
-    scores = res["sets"]["dev_fast"]
-    assert f"dev_fast: WER {scores['wer']:.1f}%  CER {scores['cer']:.1f}%" in out
+    scores = res["sets"]["dev_lm"]
+    assert f"dev_lm: WER {scores['wer']:.1f}%  CER {scores['cer']:.1f}%" in out
     # the LM-free decode of the fast run is still there
     assert json.loads((exp / "results.json").read_text()).get("decode_tag") is None
-    decode_log = next(exp.glob("asr_train/decode_*_lm/dev_fast/decode.log"))
+    decode_log = next(exp.glob("asr_train/decode_*_lm/dev_lm/decode.log"))
     assert "SequentialRNNLM" in decode_log.read_text()
 
 
 @pytest.mark.slow
-def test_tune_decoding_scores_lm_weights_too(fast_lm_run, speechocean, tmp_path):
+def test_tune_decoding_scores_its_grid_on_dev(fast_lm_run, speechocean):
+    """One grid (decodes of one utterance each) covers CTC and LM weights; LM
+    weight 0 decodes without the LM, as a run without ``--lm_exp_dir`` does."""
     exp, lm, _ = fast_lm_run
-    out = tmp_path / "tune_lm.json"
     cmd = [sys.executable, "local/tune_decoding.py", "--exp_dir", str(exp)]
-    cmd += ["--set", "dev_fast", "--max_utts", "1", "--ctc_weights", "0.3"]
+    cmd += ["--set", "dev_fast", "--max_utts", "1", "--ctc_weights", "0.3", "1.0"]
     cmd += ["--penalties", "0", "--lm_exp_dir", str(lm), "--lm_weights", "0", "0.5"]
-    _run([*cmd, "--out", str(out)], speechocean)
-    rows = json.loads(out.read_text())["rows"]
-    assert sorted(r["lm_weight"] for r in rows) == [0.0, 0.5]
+    out = _run(cmd, speechocean)
+    res = json.loads((exp / "tune_decoding.json").read_text())
+    assert res["set"] == "dev_fast" and res["utts"] == 1
+    grid = sorted((r["ctc_weight"], r["lm_weight"]) for r in res["rows"])
+    assert grid == [(0.3, 0.0), (0.3, 0.5), (1.0, 0.0), (1.0, 0.5)]
+    assert [r["cer"] for r in res["rows"]] == sorted(r["cer"] for r in res["rows"])
+    assert "best on dev_fast" in out.stdout
 
 
 def test_tune_decoding_refuses_the_test_set(tmp_path):

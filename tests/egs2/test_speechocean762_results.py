@@ -157,3 +157,13 @@ def test_a_bpe_run_is_a_row_of_its_config_with_its_token_options(results_mod, tm
         "`./run_cpu.sh --asr_config conf/tuning/train_asr_x.yaml "
         "--token_type bpe --nbpe 150`"
     )
+
+
+def test_a_distilled_row_names_its_teacher_s_size_and_training_time(results_mod):
+    distilled = {
+        "asr_config": "c/x_kd.yaml",
+        "teacher": {"params": 3_660_000, "train_seconds": 7080.0},
+        "sets": {"test": {"wer": 60.0, "cer": 35.0}},
+    }
+    (row,) = results_mod.table({"train_asr_x_kd": distilled}).splitlines()[2:]
+    assert row.startswith("| train_asr_x_kd (+ teacher: 3.66M, trained 1h58m) |")

@@ -172,6 +172,12 @@ def table(results: Dict[str, Optional[dict]]) -> str:
             lm = r["lm"]
             label += f" (+ LM: {lm['params'] / 1e6:.2f}M, trained "
             label += f"{_fmt_time(lm.get('train_seconds'))})"
+        if r is not None and r.get("teacher"):
+            # A distilled row's teacher trained before it: its time is not in the
+            # row's train time column, so the label says it.
+            teacher = r["teacher"]
+            label += f" (+ teacher: {teacher['params'] / 1e6:.2f}M, trained "
+            label += f"{_fmt_time(teacher.get('train_seconds'))})"
         if r is None:
             rows.append(
                 f"| {label} | "

@@ -707,6 +707,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
             report["train_args"] = args.train_args.strip()
         if exp.name != Path(args.asr_config).stem:
             report["expdir"] = str(exp)
+        # The training set's name tells RESULTS what the model saw (e.g. train_tts_lm:
+        # the recipe's real speech plus synthetic speech).
+        report["train_dir"] = str(train_set)
         if report.get("train_phase_seconds"):
             # Training throughput: utterances seen per second of update loop.
             n_train = len(read_kaldi(train_set / "text"))

@@ -146,6 +146,7 @@ def test_fast_run_prints_wer_and_writes_results(fast_run):
         assert f"{name}: WER {scores['wer']:.1f}%  CER {scores['cer']:.1f}%" in out
     assert res["params"] > res["encoder_params"] > 0 and res["rtf"] > 0
     assert res["train_seconds"] > 0 and res["epochs"] == 1
+    assert Path(res["train_dir"]).name == "train_fast"
 
 
 @pytest.mark.slow
@@ -470,17 +471,32 @@ def _values(argv: list, name: str) -> list:
 def test_run_sh_trains_no_lm_by_default(tmp_path):
     argv = _run_sh_args(tmp_path)
     assert _values(argv, "--use_lm") == ["false"]
-    assert _values(argv, "--local_data_opts") == ["--fast false --lm_text false"]
+    assert _values(argv, "--local_data_opts") == [
+        "--fast false --lm_text false --tts none --tts_utts 2400"
+    ]
 
 
 def test_run_sh_use_lm_writes_the_lm_text_trains_and_fuses_the_lm(tmp_path):
     argv = _run_sh_args(tmp_path, "--use_lm", "true")
     assert _values(argv, "--use_lm") == ["true"]
-    assert _values(argv, "--local_data_opts") == ["--fast false --lm_text true"]
+    assert _values(argv, "--local_data_opts") == [
+        "--fast false --lm_text true --tts none --tts_utts 2400"
+    ]
     assert _values(argv, "--lm_train_text") == ["data/lm_train/text"]
     assert _values(argv, "--lm_config") == ["conf/tuning/train_lm_rnn.yaml"]
     # asr.sh takes the last --inference_config: the LM decode's
     assert _values(argv, "--inference_config")[-1] == "conf/decode_asr_lm.yaml"
+
+
+def test_run_sh_tts_trains_on_the_mixed_set_in_its_own_exp_dir(tmp_path):
+    argv = _run_sh_args(tmp_path, "--tts", "lm", "--tts_utts", "100")
+    assert _values(argv, "--local_data_opts") == [
+        "--fast false --lm_text false --tts lm --tts_utts 100"
+    ]
+    assert _values(argv, "--train_set") == ["train_tts_lm"]
+    assert _values(argv, "--expdir") == ["exp_ttslm"]
+    # the LM (when asked for) keeps its own text, not the synthetic transcripts
+    assert _values(argv, "--lm_train_text") == ["data/train/text"]
 
 
 def test_tune_decoding_reads_the_text_of_an_intermediate_ctc_model_too():

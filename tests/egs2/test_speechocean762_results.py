@@ -167,3 +167,25 @@ def test_a_distilled_row_names_its_teacher_s_size_and_training_time(results_mod)
     }
     (row,) = results_mod.table({"train_asr_x_kd": distilled}).splitlines()[2:]
     assert row.startswith("| train_asr_x_kd (+ teacher: 3.66M, trained 1h58m) |")
+
+
+def test_a_run_with_synthetic_speech_is_a_row_of_its_config_with_its_tts_option(
+    results_mod, tmp_path
+):
+    tts = {
+        "asr_config": "conf/tuning/train_asr_x.yaml",
+        "expdir": "exp_cpu/train_asr_x_ttslm",
+        "train_dir": "data/train_tts_lm",
+        "train_utts": 4800,
+        "sets": {"test": {"wer": 60.0, "cer": 35.0}},
+    }
+    (tmp_path / "train_asr_x_ttslm.json").write_text(json.dumps(tts))
+    loaded = results_mod.load(tmp_path, [tmp_path / "train_asr_x.yaml"])
+    assert list(loaded) == ["train_asr_x", "train_asr_x_ttslm"]
+    (row,) = results_mod.table({"train_asr_x_ttslm": tts}).splitlines()[2:]
+    assert row.startswith(
+        "| train_asr_x_ttslm (+ synthetic speech: 4800 utts in all) |"
+    )
+    assert row.endswith(
+        "| `./run_cpu.sh --asr_config conf/tuning/train_asr_x.yaml --tts lm` |"
+    )

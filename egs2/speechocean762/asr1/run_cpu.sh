@@ -32,7 +32,12 @@ extra_train_args=  # appended to asr_train's arguments, e.g. "--max_epoch 3"
 # decodes go to their own RESULTS row (<config>_lm).
 use_lm=false
 lm_config=conf/tuning/train_lm_rnn.yaml
-usage="Usage: $0 [--asr_config yaml] [--inference_config yaml] [--feats_normalize global_mvn|utterance_mvn] [--token_type char|bpe] [--nbpe N] [--fast true|false] [--expdir dir] [--datadir dir] [--stages 'data tokens ...'] [--train_args 'asr_train args'] [--decode_tag tag] [--use_lm true|false] [--lm_config yaml]"
+# Extra synthetic training speech (README, "Synthetic speech"; apt-get install espeak-ng
+# flite): none, train (the transcripts in new voices) or lm (new sentences). The model
+# trains on data/train_tts_<tts> into exp_cpu/<config>_tts<tts>.
+tts=none
+tts_utts=2400
+usage="Usage: $0 [--asr_config yaml] [--inference_config yaml] [--feats_normalize global_mvn|utterance_mvn] [--token_type char|bpe] [--nbpe N] [--fast true|false] [--expdir dir] [--datadir dir] [--stages 'data tokens ...'] [--train_args 'asr_train args'] [--decode_tag tag] [--use_lm true|false] [--lm_config yaml] [--tts none|train|lm] [--tts_utts N]"
 while [ $# -gt 0 ]; do
     case "$1" in
         --asr_config) asr_config=$2; shift 2 ;;
@@ -48,6 +53,8 @@ while [ $# -gt 0 ]; do
         --decode_tag) decode_tag=$2; shift 2 ;;
         --use_lm) use_lm=$2; shift 2 ;;
         --lm_config) lm_config=$2; shift 2 ;;
+        --tts) tts=$2; shift 2 ;;
+        --tts_utts) tts_utts=$2; shift 2 ;;
         -h|--help) echo "${usage}"; exit 0 ;;
         *) echo "$0: unknown option '$1'" >&2; echo "${usage}" >&2; exit 1 ;;
     esac
@@ -72,9 +79,17 @@ fi
 inference_config=${inference_config:-conf/decode_asr.yaml}
 token_tag=
 [ "${token_type}" = bpe ] && token_tag=_bpe${nbpe}
+train_set=train
+if [ "${tts}" != none ]; then
+    train_set=train_tts_${tts}
+    token_tag+=_tts${tts}
+    # A smoke run speaks a few sentences: enough to exercise synthesis and mixing.
+    [ "${fast}" = true ] && tts_utts=$(( tts_utts < 20 ? tts_utts : 20 ))
+fi
 expdir=${expdir:-exp_cpu/$(basename "${asr_config}" .yaml)${token_tag}${suffix}}
 
-local/data.sh --fast "${fast}" --data_dir "${datadir}" --lm_text "${use_lm}"
+local/data.sh --fast "${fast}" --data_dir "${datadir}" --lm_text "${use_lm}" \
+    --tts "${tts}" --tts_utts "${tts_utts}"
 
 lm_args=()
 if [ "${use_lm}" = true ]; then
@@ -88,7 +103,7 @@ fi
 stage_args=()
 [ -n "${stages}" ] && stage_args=(--stages ${stages})
 python3 -m espnet_ext.bin.asr_pipeline \
-    --train_dir "${datadir}/train${suffix}" --valid_dir "${datadir}/dev${suffix}" \
+    --train_dir "${datadir}/${train_set}${suffix}" --valid_dir "${datadir}/dev${suffix}" \
     --test_dirs "${datadir}/test${suffix}" \
     --asr_config "${asr_config}" --inference_config "${inference_config}" \
     --exp_dir "${expdir}" --train_args "${train_args} ${extra_train_args}" --rtf_utts "${rtf_utts}" \

@@ -130,6 +130,12 @@ def _num(r: dict, key: str, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
 DEFAULT_DECODE = "conf/decode_asr.yaml"  # run_cpu.sh's --inference_config default
 
 
+def _tts_source(r: dict) -> Optional[str]:
+    """``train`` or ``lm`` for a model trained with ``run_cpu.sh --tts``, else None."""
+    name = Path(r.get("train_dir", "train")).name
+    return name[len("train_tts_") :] if name.startswith("train_tts_") else None
+
+
 def _command(name: str, r: Optional[dict]) -> str:
     """The run_cpu.sh command that wrote a row (a tagged decode: after training)."""
     if name in SCRIPTS:
@@ -137,10 +143,15 @@ def _command(name: str, r: Optional[dict]) -> str:
     r = r or {}
     config = r.get("asr_config", f"conf/tuning/{name}.yaml")
     cmd = f"./run_cpu.sh --asr_config {config}"
-    default_expdir = None
+    tag = ""  # run_cpu.sh's exp dir suffix for these options
     if r.get("nbpe"):
         cmd += f" --token_type bpe --nbpe {r['nbpe']}"
-        default_expdir = f"exp_cpu/{Path(config).stem}_bpe{r['nbpe']}"  # run_cpu.sh's
+        tag += f"_bpe{r['nbpe']}"
+    tts = _tts_source(r)
+    if tts:
+        cmd += f" --tts {tts}"
+        tag += f"_tts{tts}"
+    default_expdir = f"exp_cpu/{Path(config).stem}{tag}" if tag else None
     if r.get("expdir") and r["expdir"] != default_expdir:
         cmd += f" --expdir {r['expdir']}"
     if r.get("train_args"):
@@ -172,6 +183,8 @@ def table(results: Dict[str, Optional[dict]]) -> str:
             lm = r["lm"]
             label += f" (+ LM: {lm['params'] / 1e6:.2f}M, trained "
             label += f"{_fmt_time(lm.get('train_seconds'))})"
+        if r is not None and _tts_source(r):
+            label += f" (+ synthetic speech: {r.get('train_utts', '?')} utts in all)"
         if r is not None and r.get("teacher"):
             # A distilled row's teacher trained before it: its time is not in the
             # row's train time column, so the label says it.

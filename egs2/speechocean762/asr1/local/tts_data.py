@@ -50,6 +50,8 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
+from espnet_ext.bin.asr_pipeline import read_kaldi
+
 RATE = 16000
 ESPEAK_ACCENTS = (
     "en-us",
@@ -63,17 +65,6 @@ ESPEAK_ACCENTS = (
 ESPEAK_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4")
 FLITE_VOICES = ("awb", "rms", "slt", "kal16")
 KALDI_FILES = ("wav.scp", "text", "utt2spk")
-
-
-def read_text(path: Path) -> List[Tuple[str, str]]:
-    """Kaldi ``<id> <sentence>`` lines as (id, sentence) pairs, in file order."""
-    pairs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        parts = line.split(maxsplit=1)
-        if len(parts) != 2:
-            raise ValueError(f"{path}:{n}: expected '<id> <sentence>', got {line!r}")
-        pairs.append((parts[0], parts[1]))
-    return pairs
 
 
 def pick_sentences(
@@ -92,7 +83,7 @@ def pick_sentences(
     ``min_words``-``max_words`` words that are not lines of ``exclude``.
     """
     rng = random.Random(seed)
-    sentences = [s for _, s in read_text(text)]
+    sentences = list(read_kaldi(text).values())
     if source == "train":
         order = sorted(set(sentences))
         rng.shuffle(order)
@@ -101,7 +92,7 @@ def pick_sentences(
         return [order[i % len(order)] for i in range(num_utts)]
     if source != "lm":
         raise ValueError(f"--source must be 'train' or 'lm', got {source!r}")
-    banned = {s for _, s in read_text(exclude)} if exclude else set()
+    banned = set(read_kaldi(exclude).values()) if exclude else set()
     pool = sorted(
         {
             s
@@ -177,16 +168,13 @@ def write_kaldi(out_dir: Path, rows: Dict[str, Dict[str, str]]) -> None:
     (out_dir / "spk2utt").write_text("\n".join(lines) + "\n")
 
 
-def read_kaldi(data_dir: Path) -> Dict[str, Dict[str, str]]:
-    rows = {}
-    for name in KALDI_FILES:
-        rows[name] = dict(read_text(data_dir / name))
-    return rows
+def read_dir(data_dir: Path) -> Dict[str, Dict[str, str]]:
+    return {name: read_kaldi(data_dir / name) for name in KALDI_FILES}
 
 
 def combine(real: Path, synthetic: Path, out_dir: Path) -> int:
     """Write ``out_dir``: the utterances of both Kaldi dirs (ids must not clash)."""
-    a, b = read_kaldi(real), read_kaldi(synthetic)
+    a, b = read_dir(real), read_dir(synthetic)
     clash = set(a["text"]) & set(b["text"])
     if clash:
         raise ValueError(

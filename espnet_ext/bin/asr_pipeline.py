@@ -92,7 +92,7 @@ def read_kaldi(path: Path) -> Dict[str, str]:
     return out
 
 
-def _write_kaldi(path: Path, table: Dict[str, str]) -> None:
+def write_kaldi(path: Path, table: Dict[str, str]) -> None:
     path.write_text(
         "".join(f"{k} {table[k]}\n" for k in sorted(table)), encoding="utf-8"
     )
@@ -124,13 +124,13 @@ def prepare_data_dir(src: Path, dst: Path, max_utts: Optional[int] = None) -> in
                     f"{src}/wav.scp: audio for {k} not found: {wav[k]}"
                 )
         abs_wav[k] = str(p)
-    _write_kaldi(dst / "wav.scp", abs_wav)
-    _write_kaldi(dst / "text", {k: text[k] for k in keys})
+    write_kaldi(dst / "wav.scp", abs_wav)
+    write_kaldi(dst / "text", {k: text[k] for k in keys})
     utt2spk_path = src / "utt2spk"
     utt2spk = (
         read_kaldi(utt2spk_path) if utt2spk_path.exists() else {k: k for k in keys}
     )
-    _write_kaldi(dst / "utt2spk", {k: utt2spk[k] for k in keys})
+    write_kaldi(dst / "utt2spk", {k: utt2spk[k] for k in keys})
     return len(keys)
 
 

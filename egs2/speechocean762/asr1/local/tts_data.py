@@ -50,7 +50,7 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
-from espnet_ext.bin.asr_pipeline import read_kaldi
+from espnet_ext.bin.asr_pipeline import read_kaldi, write_kaldi
 
 RATE = 16000
 ESPEAK_ACCENTS = (
@@ -155,17 +155,15 @@ def synthesise(sentence: str, rng: random.Random, args) -> Tuple[np.ndarray, str
     return wav.astype("float32"), f"{desc} snr{snr:.0f}"
 
 
-def write_kaldi(out_dir: Path, rows: Dict[str, Dict[str, str]]) -> None:
+def write_dir(out_dir: Path, rows: Dict[str, Dict[str, str]]) -> None:
     """``rows[name][utt] = value`` for wav.scp, text, utt2spk; spk2utt from utt2spk."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, table in rows.items():
-        lines = [f"{k} {table[k]}" for k in sorted(table)]
-        (out_dir / name).write_text("\n".join(lines) + "\n")
+        write_kaldi(out_dir / name, table)
     spk2utt: Dict[str, List[str]] = {}
     for utt in sorted(rows["utt2spk"]):
         spk2utt.setdefault(rows["utt2spk"][utt], []).append(utt)
-    lines = [f"{s} {' '.join(u)}" for s, u in sorted(spk2utt.items())]
-    (out_dir / "spk2utt").write_text("\n".join(lines) + "\n")
+    write_kaldi(out_dir / "spk2utt", {s: " ".join(u) for s, u in spk2utt.items()})
 
 
 def read_dir(data_dir: Path) -> Dict[str, Dict[str, str]]:
@@ -180,7 +178,7 @@ def combine(real: Path, synthetic: Path, out_dir: Path) -> int:
         raise ValueError(
             f"{real} and {synthetic} share utterance ids: {sorted(clash)[:3]}"
         )
-    write_kaldi(out_dir, {k: {**a[k], **b[k]} for k in KALDI_FILES})
+    write_dir(out_dir, {k: {**a[k], **b[k]} for k in KALDI_FILES})
     return len(a["text"]) + len(b["text"])
 
 
@@ -213,9 +211,8 @@ def synthesise_set(args) -> Dict[str, object]:
         rows["utt2spk"][utt] = utt
         if (i + 1) % 500 == 0:
             print(f"{args.out_dir}: {i + 1}/{len(sentences)} utterances", flush=True)
-    write_kaldi(args.out_dir, rows)
-    lines = [f"{u} {voices[u]}" for u in sorted(voices)]
-    (args.out_dir / "utt2voice").write_text("\n".join(lines) + "\n")
+    write_dir(args.out_dir, rows)
+    write_kaldi(args.out_dir / "utt2voice", voices)
     return {
         "source": args.source,
         "utterances": len(sentences),
@@ -251,11 +248,11 @@ def main(argv: List[str] = None) -> Dict[str, object]:
 
     settings = {k: str(v) for k, v in sorted(vars(args).items())}
     done = args.out_dir / "tts_data.json"
-    if done.exists() and json.loads(done.read_text()).get("settings") == settings:
+    stats = json.loads(done.read_text()) if done.exists() else {}
+    if stats.get("settings") == settings:
         # run_cpu.sh prepares data before every stage list; synthesis is
         # deterministic, so the same settings mean the same files.
         print(f"{args.out_dir}: up to date ({done})")
-        stats = json.loads(done.read_text())
     else:
         stats = {**synthesise_set(args), "settings": settings}
     if args.combine:
